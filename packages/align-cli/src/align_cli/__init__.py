@@ -1,0 +1,3 @@
+"""The ``align`` command."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""megatron-core models, parallelism, checkpoints, trainer and algorithms for align."""
+
+__all__: list[str] = []

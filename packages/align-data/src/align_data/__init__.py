@@ -1,0 +1,3 @@
+"""Dataset formats, validation, tokenization, collate, packing and samplers."""
+
+__all__: list[str] = []
