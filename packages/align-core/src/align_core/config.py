@@ -1,0 +1,199 @@
+"""Typed configuration of the GPT model and of the parallel layout.
+
+`ModelConfig` covers what NeMo GPT checkpoints use; `to_transformer_config` turns it into a
+megatron-core `TransformerConfig`. Every default lives in a dataclass field here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ACTIVATIONS",
+    "ModelConfig",
+    "ParallelConfig",
+    "padded_vocab_size",
+    "to_transformer_config",
+    "torch_dtype",
+]
+
+Activation = Literal["gelu", "fast-gelu", "geglu", "swiglu", "fast-swiglu", "reglu", "squared-relu"]
+ACTIVATIONS: tuple[str, ...] = (
+    "gelu",
+    "fast-gelu",
+    "geglu",
+    "swiglu",
+    "fast-swiglu",
+    "reglu",
+    "squared-relu",
+)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only GPT (the subset of NeMo's GPT config that shapes weights).
+
+    Attributes:
+        num_layers: Transformer layers.
+        hidden_size: Model width.
+        ffn_hidden_size: Width of the MLP (per branch for gated activations).
+        num_attention_heads: Query heads.
+        vocab_size: Tokenizer vocabulary size (before padding).
+        seq_length: Maximum sequence length (NeMo's ``encoder_seq_length``).
+        num_query_groups: Key/value heads for grouped-query attention; None means one per head.
+        kv_channels: Per-head width; None means ``hidden_size // num_attention_heads``.
+        position_embedding_type: ``"rope"`` or ``"learned_absolute"``.
+        rotary_base: RoPE base frequency.
+        rotary_percent: Fraction of each head's channels that RoPE rotates.
+        normalization: ``"LayerNorm"`` or ``"RMSNorm"``.
+        layernorm_epsilon: Epsilon of the norms.
+        activation: MLP activation, NeMo's names (gated ones double ``linear_fc1``).
+        bias: Bias on the linear layers.
+        share_embeddings_and_output_weights: Tie the output layer to the input embedding.
+        make_vocab_size_divisible_by: Pad the vocabulary to a multiple of this times TP.
+        hidden_dropout: Dropout after attention and MLP.
+        attention_dropout: Dropout of attention probabilities.
+        init_method_std: Standard deviation of the weight initialisation.
+        dtype: Parameter dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    vocab_size: int = 256
+    seq_length: int = 256
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: Activation = "swiglu"
+    bias: bool = False
+    share_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {tuple(_DTYPES)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {groups}"
+            )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP is gated (``linear_fc1`` holds two stacked projections)."""
+        return self.activation in ("geglu", "swiglu", "fast-swiglu", "reglu")
+
+    def replace(self, **changes: object) -> ModelConfig:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over processes.
+
+    Attributes:
+        tensor_model_parallel_size: Tensor-parallel ranks (vocab and heads are split).
+        pipeline_model_parallel_size: Pipeline stages (layers are split).
+        sequence_parallel: Megatron sequence parallelism (GPU with Transformer Engine only).
+        context_parallel_size: Context-parallel ranks (GPU only).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map ``"fp32" | "bf16" | "fp16"`` to the torch dtype."""
+    return _DTYPES[name]
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Vocabulary size padded to a multiple of ``divisible_by * tensor_parallel_size``.
+
+    This is NeMo/Megatron's rule, so padded embeddings match checkpoints trained with it.
+    """
+    multiple = max(1, divisible_by) * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def _activation(name: str):
+    import torch.nn.functional as F
+
+    if name in ("gelu", "fast-gelu", "geglu"):
+        return F.gelu
+    if name in ("swiglu", "fast-swiglu"):
+        return F.silu
+    if name == "reglu":
+        return F.relu
+    from megatron.core.activations import squared_relu
+
+    return squared_relu
+
+
+def to_transformer_config(model: ModelConfig, parallel: ParallelConfig = ParallelConfig()):
+    """Build the megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
+
+    Fusions that need CUDA kernels stay off; megatron picks its own implementations.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch_dtype(model.dtype)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        gated_linear_unit=model.gated,
+        activation_func=_activation(model.activation),
+        add_bias_linear=model.bias,
+        add_qkv_bias=model.bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )

@@ -1,0 +1,99 @@
+"""Build a megatron-core `GPTModel` from a `ModelConfig`.
+
+The Transformer Engine layer spec is used when transformer-engine imports and CUDA is present;
+megatron's local spec otherwise. `align_core.spec_keys` maps state dicts between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align_core.config import ModelConfig, ParallelConfig, padded_vocab_size, to_transformer_config
+
+__all__ = ["build_gpt_model", "te_available", "unwrap_model"]
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # an installed but broken TE (missing CUDA libraries) counts as absent
+        return False
+    return True
+
+
+def _layer_spec(model: ModelConfig, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    parallel: ParallelConfig = ParallelConfig(),  # noqa: B008
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    use_te: bool | None = None,
+    device: torch.device | str | None = None,
+) -> torch.nn.Module:
+    """Build this rank's part of a GPT model.
+
+    Must run after `align_core.parallel.init_distributed`. Weights are initialised on the CPU from
+    megatron's RNG tracker, so the same seed gives the same full weights at any TP size.
+
+    Args:
+        model: Architecture.
+        parallel: Parallel layout (must match the one given to ``init_distributed``).
+        pre_process: Whether this stage holds the embedding; default: first pipeline stage.
+        post_process: Whether this stage holds the output layer; default: last pipeline stage.
+        use_te: Force the Transformer Engine spec on or off; default: `te_available()`.
+        device: Where to move the model; default CUDA's current device when present, else CPU.
+
+    Returns:
+        The `GPTModel`, wrapped in megatron's ``Float16Module`` for bf16/fp16.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    use_te = te_available() if use_te is None else use_te
+    config = to_transformer_config(model, parallel)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(model, use_te),
+        vocab_size=padded_vocab_size(
+            model.vocab_size,
+            model.make_vocab_size_divisible_by,
+            parallel.tensor_model_parallel_size,
+        ),
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=int(model.rotary_base),
+    )
+    if device is None:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    gpt = gpt.to(device)
+    if config.bf16 or config.fp16:
+        gpt = Float16Module(config, gpt)
+    return gpt
+
+
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers down to the `GPTModel`."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

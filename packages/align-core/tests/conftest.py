@@ -1,0 +1,16 @@
+"""Shared fixtures: one single-process (TP=PP=DP=1, gloo) megatron set-up per test session."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from align_core import DistributedContext, ParallelConfig, init_distributed
+
+
+@pytest.fixture(scope="session")
+def dist_ctx() -> DistributedContext:
+    """A world of one process with megatron's parallel state initialised (kept for the session)."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    return init_distributed(ParallelConfig(), seed=1234)
