@@ -2,5 +2,6 @@
 
 from align_core.algorithms.dpo import DPOConfig, PreferenceLoss
 from align_core.algorithms.kto import KTOConfig
+from align_core.algorithms.sft import SFTConfig
 
-__all__ = ["DPOConfig", "KTOConfig", "PreferenceLoss"]
+__all__ = ["DPOConfig", "KTOConfig", "PreferenceLoss", "SFTConfig"]
