@@ -26,25 +26,31 @@ def all_reduce(x: Tensor, op: dist.ReduceOp.RedOpType, group: ProcessGroup | Non
     return x
 
 
-def combine_logsumexp(local_lse: Tensor, group: ProcessGroup | None) -> Tensor:
+def combine_logsumexp(
+    shift: Tensor, log_sum: Tensor, group: ProcessGroup | None
+) -> tuple[Tensor, Tensor]:
     """Combine per-rank log-sum-exps into the log-sum-exp over the whole vocabulary.
 
-    With ``m = max_r lse_r`` (all-reduce max) and ``s = Σ_r exp(lse_r − m)`` (all-reduce sum) the
-    result is ``m + log s``. Rows whose every logit is ``−inf`` give ``−inf``.
+    Each rank's log-sum-exp over its slice is ``shift + log_sum`` (see
+    ``_common.logsumexp_parts``). With ``m = max_r shift_r`` (all-reduce max) and
+    ``s = Σ_r exp((shift_r − m) + log_sum_r)`` (all-reduce sum) the global one is
+    ``m + log s``, again returned as the pair ``(m, log s)``.
 
     Args:
-        local_lse: this rank's log-sum-exp over its vocabulary slice, any shape.
-        group: the process group the vocabulary is sharded over, or None.
+        shift: this rank's per-row shift, any shape.
+        log_sum: this rank's per-row log-sum of shifted exponentials, same shape.
+        group: the process group the vocabulary is sharded over, or None (identity).
 
     Returns:
-        The global log-sum-exp, same shape and dtype as ``local_lse``.
+        The global ``(shift, log_sum)``; rows whose every logit is ``−inf`` get ``log_sum = −inf``.
     """
     if group is None:
-        return local_lse
-    shift = all_reduce(local_lse.clone(), dist.ReduceOp.MAX, group)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    sum_exp = all_reduce(torch.exp(local_lse - shift), dist.ReduceOp.SUM, group)
-    return shift + torch.log(sum_exp)
+        return shift, log_sum
+    reported = torch.where(torch.isneginf(log_sum), torch.full_like(shift, float("-inf")), shift)
+    top = all_reduce(reported, dist.ReduceOp.MAX, group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = all_reduce(torch.exp((shift - top) + log_sum), dist.ReduceOp.SUM, group)
+    return top, torch.log(total)
 
 
 def owned_columns(ids: Tensor, vocab_start: int, vocab_local: int) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ student's full logits are live. Two student-side custom autograd functions keep 
 * ``_GatherColumns`` picks the student logits at the K ids (summed over the vocabulary shards)
   and saves only the ids for backward: the K-way renormalised loss never needs a full softmax.
 * ``_TopKTailLogProbs`` returns the student's log-probabilities of the K ids *and* of the tail
-  bucket (everything else) under the full-vocabulary softmax. It saves the logits and two floats
+  bucket (everything else) under the full-vocabulary softmax. It saves the logits and three floats
   per token and recomputes the softmax a chunk of rows at a time in backward; the tail mass is
   computed directly from the tail logits, not as ``1 − Σ q_i``, so it stays accurate when the
   top-K hold almost all of the mass.
@@ -84,7 +84,8 @@ class _TopKTailLogProbs(torch.autograd.Function):
         padded = torch.where(owned, columns, torch.full_like(columns, vocab_local))
 
         num_rows = flat_ids.shape[0]
-        both = torch.empty(num_rows, 2, dtype=cdt, device=logits.device)
+        # Per row: shift, log Σ_v exp(s·z_v − shift), log Σ_{v ∉ ids} exp(s·z_v − shift).
+        parts = torch.empty(num_rows, 3, dtype=cdt, device=logits.device)
         for rows, chunk in row_chunks(logits, buffers=1):
             work = torch.empty(chunk.shape[0], vocab_local + 1, dtype=cdt, device=logits.device)
             scaled = work[:, :vocab_local]
@@ -95,38 +96,47 @@ class _TopKTailLogProbs(torch.autograd.Function):
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
             scaled.sub_(shift).exp_()
             work[:, vocab_local] = 0.0
-            total = work.sum(dim=1)
+            parts[rows, 0] = shift.squeeze(1)
+            parts[rows, 1] = torch.log(work.sum(dim=1))
             work.scatter_(1, padded[rows], 0.0)
-            tail = work.sum(dim=1)
-            shift = shift.squeeze(1)
-            both[rows, 0] = shift + torch.log(total)
-            both[rows, 1] = shift + torch.log(tail)
+            parts[rows, 2] = torch.log(work.sum(dim=1))
             del work, scaled
-        both = combine_logsumexp(both, group)
-        lse, tail_lse = both[:, 0], both[:, 1]
+        # Both log-sums must share one shift, so they are combined as a pair.
+        shift, log_sums = combine_logsumexp(
+            parts[:, :1].expand(-1, 2).contiguous(), parts[:, 1:].contiguous(), group
+        )
+        shift = shift[:, 0]
+        log_total, log_tail = log_sums[:, 0], log_sums[:, 1]
 
         picked = gather_owned(logits, columns.view(ids.shape), owned.view(ids.shape), group)
         picked = picked.reshape(-1, top_k).to(cdt) * scale
-        out = torch.cat([picked - lse.unsqueeze(1), (tail_lse - lse).unsqueeze(1)], dim=1)
+        out = torch.cat(
+            [
+                (picked - shift.unsqueeze(1)) - log_total.unsqueeze(1),
+                (log_tail - log_total)[:, None],
+            ],
+            dim=1,
+        )
 
-        ctx.save_for_backward(logits, columns, owned, padded, lse, tail_lse)
+        ctx.save_for_backward(logits, columns, owned, padded, shift, log_total, log_tail)
         ctx.scale = scale
         return out.view(*ids.shape[:-1], top_k + 1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:
-        logits, columns, owned, padded, lse, tail_lse = ctx.saved_tensors
+        logits, columns, owned, padded, shift, log_total, log_tail = ctx.saved_tensors
         scale = ctx.scale
         vocab_local = logits.shape[-1]
-        cdt = lse.dtype
+        cdt = shift.dtype
         top_k = columns.shape[-1]
         g = grad_out.reshape(-1, top_k + 1).to(cdt)
         g_ids = torch.where(owned, g[:, :top_k], torch.zeros_like(g[:, :top_k]))
         g_sum = g.sum(dim=1, keepdim=True)
-        has_tail = torch.isfinite(tail_lse)
-        tail_shift = torch.where(has_tail, tail_lse, torch.zeros_like(tail_lse)).unsqueeze(1)
+        has_tail = torch.isfinite(log_tail)
+        log_tail = torch.where(has_tail, log_tail, torch.zeros_like(log_tail)).unsqueeze(1)
         g_tail = torch.where(has_tail, g[:, top_k], torch.zeros_like(g[:, top_k])).unsqueeze(1)
-        lse = lse.unsqueeze(1)
+        shift = shift.unsqueeze(1)
+        log_total = log_total.unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, vocab_local)
@@ -142,9 +152,10 @@ class _TopKTailLogProbs(torch.autograd.Function):
             # With s = softmax(scale·z), L = log q over the K ids and the tail:
             # dL/d(scale·z_v) = G_i·1[v = id_i] + G_tail·1[v ∉ ids]·exp(scale·z_v − LSE_tail)
             #                   − s_v·Σ_c G_c
-            torch.sub(scaled, lse[rows], out=buf)
+            scaled.sub_(shift[rows])
+            torch.sub(scaled, log_total[rows], out=buf)
             buf.exp_().mul_(-g_sum[rows])
-            scaled.sub_(tail_shift[rows]).exp_()
+            scaled.sub_(log_tail[rows]).exp_()
             work.scatter_(1, padded[rows], 0.0)
             buf.addcmul_(scaled, g_tail[rows])
             buf.scatter_add_(1, columns[rows], g_ids[rows])

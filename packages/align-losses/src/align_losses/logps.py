@@ -1,8 +1,9 @@
 """Token and sequence log-probabilities, memory-lean and vocabulary-parallel.
 
 ``token_logps`` equals ``log_softmax(logits).gather(labels)`` in value and gradient but keeps
-only the logits (which the caller holds anyway) and one float per token for backward; the
-softmax is recomputed chunk by chunk when the gradient is needed. ``chunked_linear_logps`` goes
+only the logits (which the caller holds anyway) and two floats per token (the log-sum-exp, kept
+as a shift and a log-sum) for backward; the softmax is recomputed chunk by chunk when the
+gradient is needed. ``chunked_linear_logps`` goes
 one step further and never materialises the ``[N, V]`` logits at all.
 
 Dtypes: arithmetic runs in float32 for float32/bfloat16/float16 inputs and in float64 for
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_losses._common import compute_dtype, row_chunks
+from align_losses._common import compute_dtype, logsumexp_parts, row_chunks
 from align_losses._vocab_parallel import (
     ProcessGroup,
     all_reduce,
@@ -54,25 +55,26 @@ class _TokenLogps(torch.autograd.Function):
         columns, owned = owned_columns(flat_labels, vocab_start, vocab_local)
         owned = owned & valid
 
-        lse = torch.empty(flat_labels.shape[0], dtype=cdt, device=logits.device)
+        shift = torch.empty(flat_labels.shape[0], dtype=cdt, device=logits.device)
+        log_sum = torch.empty_like(shift)
         for rows, chunk in row_chunks(logits):
-            lse[rows] = torch.logsumexp(chunk.to(cdt), dim=-1)
-        lse = combine_logsumexp(lse, group)
+            shift[rows], log_sum[rows] = logsumexp_parts(chunk.to(cdt))
+        shift, log_sum = combine_logsumexp(shift, log_sum, group)
 
         target = gather_owned(
             logits, columns.view(*labels.shape, 1), owned.view(*labels.shape, 1), group
         )
         target = target.reshape(-1).to(cdt)
-        out = torch.where(valid, target - lse, torch.zeros_like(lse))
+        out = torch.where(valid, (target - shift) - log_sum, torch.zeros_like(shift))
 
-        ctx.save_for_backward(logits, columns, owned, valid, lse)
+        ctx.save_for_backward(logits, columns, owned, valid, shift, log_sum)
         return out.view(labels.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        logits, columns, owned, valid, lse = ctx.saved_tensors
+        logits, columns, owned, valid, shift, log_sum = ctx.saved_tensors
         vocab_local = logits.shape[-1]
-        cdt = lse.dtype
+        cdt = shift.dtype
         g = grad_out.reshape(-1).to(cdt)
         g = torch.where(valid, g, torch.zeros_like(g))
         g_target = torch.where(owned, g, torch.zeros_like(g)).unsqueeze(1)
@@ -84,8 +86,8 @@ class _TokenLogps(torch.autograd.Function):
             out = grad_rows[rows]
             buf = out if direct else torch.empty(out.shape, dtype=cdt, device=out.device)
             # d log p_y / d z_v = 1[v = y] − softmax(z)_v, times the upstream gradient.
-            torch.sub(chunk, lse[rows].unsqueeze(1), out=buf)
-            buf.exp_().mul_(-g[rows].unsqueeze(1))
+            torch.sub(chunk, shift[rows].unsqueeze(1), out=buf)
+            buf.sub_(log_sum[rows].unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
             buf.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
             if not direct:
                 out.copy_(buf)
@@ -107,7 +109,7 @@ def token_logps(
     and 0 where ``y_t == ignore_index``. Labels must already be aligned with the logits (for a
     causal LM: ``logits[:, :-1]`` with ``labels[:, 1:]``). The result equals
     ``log_softmax(logits, -1).gather(-1, labels)`` in value and gradient, but the backward pass
-    keeps only ``logits`` (no ``[..., V]`` log-softmax or softmax) plus one float per token, and
+    keeps only ``logits`` (no ``[..., V]`` log-softmax or softmax) plus two floats per token, and
     recomputes the softmax a chunk of rows at a time.
 
     Vocabulary parallelism (Megatron-LM, https://arxiv.org/abs/1909.08053): with ``group`` set,
@@ -204,20 +206,21 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         columns, owned = owned_columns(labels, vocab_start, vocab_local)
         owned = owned & valid
 
-        lse = torch.empty(num_tokens, dtype=cdt, device=hidden.device)
-        target = torch.empty(num_tokens, dtype=cdt, device=hidden.device)
+        shift = torch.empty(num_tokens, dtype=cdt, device=hidden.device)
+        log_sum = torch.empty_like(shift)
+        target = torch.empty_like(shift)
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, min(start + chunk_size, num_tokens))
             logits = (hidden[rows] @ weight.t()).to(cdt)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
+            shift[rows], log_sum[rows] = logsumexp_parts(logits)
             target[rows] = logits.gather(1, columns[rows].unsqueeze(1)).squeeze(1)
             del logits
         target = torch.where(owned, target, torch.zeros_like(target))
-        lse = combine_logsumexp(lse, group)
+        shift, log_sum = combine_logsumexp(shift, log_sum, group)
         target = all_reduce(target, dist.ReduceOp.SUM, group)
-        out = torch.where(valid, target - lse, torch.zeros_like(lse))
+        out = torch.where(valid, (target - shift) - log_sum, torch.zeros_like(shift))
 
-        ctx.save_for_backward(hidden, weight, columns, owned, valid, lse)
+        ctx.save_for_backward(hidden, weight, columns, owned, valid, shift, log_sum)
         ctx.chunk_size = chunk_size
         ctx.group = group
         return out
@@ -226,11 +229,11 @@ class _ChunkedLinearLogps(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
-        hidden, weight, columns, owned, valid, lse = ctx.saved_tensors
+        hidden, weight, columns, owned, valid, shift, log_sum = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
-        cdt = lse.dtype
-        g = torch.where(valid, grad_out.to(cdt), torch.zeros_like(lse))
+        cdt = shift.dtype
+        g = torch.where(valid, grad_out.to(cdt), torch.zeros_like(shift))
         g_target = torch.where(owned, g, torch.zeros_like(g)).unsqueeze(1)
 
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -242,7 +245,8 @@ class _ChunkedLinearLogps(torch.autograd.Function):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
             h = hidden[rows]
             d = (h @ weight.t()).to(cdt)
-            d.sub_(lse[rows].unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
+            d.sub_(shift[rows].unsqueeze(1)).sub_(log_sum[rows].unsqueeze(1)).exp_()
+            d.mul_(-g[rows].unsqueeze(1))
             d.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
             d = d.to(weight.dtype)
             if grad_hidden is not None:
@@ -275,7 +279,7 @@ def chunked_linear_logps(
     .. math:: z_n = W h_n, \qquad \log p_n = z_{n, y_n} - \log \sum_v \exp z_{n, v}
 
     (0 where ``y_n == ignore_index``). Tokens are processed ``chunk_size`` at a time: the forward
-    pass keeps one float per token (the log-sum-exp); the backward pass recomputes each chunk's
+    pass keeps two floats per token (the log-sum-exp); the backward pass recomputes each chunk's
     logits, forms ``g·(onehot − softmax)`` and accumulates ``∂/∂h = (…) W`` and ``∂/∂W = (…)ᵀ h``.
     Peak extra memory is one ``[chunk_size, V]`` block plus the weight gradient, instead of
     several ``[N, V]`` tensors; the price is one extra matmul (the logits are recomputed in
