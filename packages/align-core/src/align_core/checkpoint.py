@@ -1,0 +1,360 @@
+"""Training checkpoints with megatron distributed checkpointing (``torch_dist``).
+
+Layout of a run's checkpoint directory::
+
+    <dir>/step_000010/      complete checkpoints (one megatron distributed checkpoint each)
+    <dir>/step_000020/
+    <dir>/latest            "step_000020": the newest complete checkpoint (written atomically)
+    <dir>/tmp.step_000030/  a save in progress (or one that was killed): never read, removed
+                            by the next save
+
+A save writes everything into ``tmp.step_N`` (every rank writes its shards; megatron writes the
+metadata last), waits for all ranks, and only then renames the directory to ``step_N`` (an atomic
+``rename`` on one filesystem) and replaces ``latest``. A process killed at any point before the
+rename leaves the previous ``step_*`` untouched and ``latest`` pointing at it; one killed between
+the rename and the ``latest`` update is still found, because loading picks the newest ``step_*``
+directory (they only ever exist complete). Old checkpoints beyond ``keep_last`` are deleted after
+the new one is published.
+
+Contents: the model (any TP/PP layout can load it), the optimizer (the non-distributed optimizer
+reshards like the model; the distributed optimizer uses megatron's ``dp_reshardable`` format,
+which loads at any data-parallel size but needs the same TP/PP sizes), optional extra models
+(e.g. reference weights that differ from the initial policy; a module, or a state dict laid out
+like the policy's), the trainer's counters and an arbitrary extra state (the data sampler's
+position; both identical on all ranks, stored once), and every process's RNG states (restored
+only when the world size is unchanged, since they are per rank). The learning-rate schedule is a
+pure function of the step (`align_core.optim.learning_rate`), so the step counter is its state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from align_core.model import unwrap_model
+from align_core.rng import capture_rng_state, restore_rng_state
+
+__all__ = ["Checkpointer", "LoadedCheckpoint"]
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+# Test hook: called on rank 0 after every rank has written `tmp.step_N` and before it is
+# published (renamed). The kill-mid-save tests set it to `os._exit`.
+_before_publish: Callable[[Path], None] | None = None
+
+ExtraModel = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What `Checkpointer.load` restored.
+
+    Attributes:
+        step: The checkpoint's step.
+        path: Its directory.
+        trainer_state: The trainer's counters as saved.
+        extra_state: The caller's extra state as saved.
+        rng_restored: Whether RNG states were restored (same world size and asked for).
+        optimizer_restored: Whether optimizer state was restored.
+    """
+
+    step: int
+    path: Path
+    trainer_state: dict[str, Any]
+    extra_state: dict[str, Any]
+    rng_restored: bool
+    optimizer_restored: bool
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _uses_distributed_optimizer(optimizer: Any) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _rebind(template: dict[str, Any], prefix: str, state: Mapping[str, torch.Tensor]) -> dict:
+    """The policy's sharded state dict with each tensor replaced by ``state``'s (same key)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for key, value in template.items():
+        if isinstance(value, ShardedTensor | ShardedTensorFactory):
+            local = key[len(prefix) :]
+            if local not in state:
+                raise KeyError(f"extra model state has no {local!r}")
+            out[key] = dataclasses.replace(value, data=state[local])
+        else:
+            out[key] = value
+    return out
+
+
+class Checkpointer:
+    """Saves, finds, loads and prunes the checkpoints of one run directory.
+
+    All ranks call `save` and `load` together (they are collective); rank 0 alone renames,
+    writes ``latest`` and deletes. The directory must be on a filesystem every rank sees.
+
+    Args:
+        directory: The run's checkpoint directory (created when missing).
+        keep_last: Complete checkpoints to keep (>= 1); the trainer passes its
+            ``keep_last_checkpoints``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    # ----------------------------------------------------------------- finding
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = (_STEP_DIR.match(p.name) for p in self.directory.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, step: int) -> Path:
+        """Directory of the complete checkpoint of ``step``."""
+        return self.directory / f"step_{step:06d}"
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ saving
+    def _sharded_state(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any | None,
+        extra_models: Mapping[str, ExtraModel],
+        *,
+        is_loading: bool,
+        with_rng: bool,
+    ) -> dict[str, Any]:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        policy = unwrap_model(model)
+        model_sd = policy.sharded_state_dict()
+        state: dict[str, Any] = {"model": model_sd}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)
+            )
+        for name, extra in extra_models.items():
+            prefix = f"extra_models.{name}."
+            if isinstance(extra, torch.nn.Module):
+                state[f"extra_model_{name}"] = unwrap_model(extra).sharded_state_dict(prefix=prefix)
+            else:
+                template = policy.sharded_state_dict(prefix=prefix)
+                state[f"extra_model_{name}"] = _rebind(template, prefix, extra)
+        if with_rng:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            rng = capture_rng_state() if not is_loading else None
+            state["rng"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+        return state
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: Any | None = None,
+        *,
+        trainer_state: Mapping[str, Any] | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        extra_models: Mapping[str, ExtraModel] | None = None,
+    ) -> Path:
+        """Write the checkpoint of ``step`` and publish it atomically (collective).
+
+        Args:
+            step: Optimizer steps taken so far (names the directory).
+            model: This rank's model chunk (DDP-wrapped or not).
+            optimizer: The megatron optimizer, or None for weights only.
+            trainer_state: The trainer's counters (picklable; identical on all ranks).
+            extra_state: Anything else the run needs to resume, e.g. the sampler position
+                (picklable; identical on all ranks; rank 0's copy is stored).
+            extra_models: Named extra weights: a module, or a state dict with the policy's
+                keys and local shapes (e.g. reference weights held on the CPU).
+
+        Returns:
+            The published checkpoint directory.
+        """
+        from megatron.core import dist_checkpointing
+
+        extra_models = dict(extra_models or {})
+        tmp = self.directory / f"tmp.step_{step:06d}"
+        if dist.get_rank() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob("tmp.step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        state = self._sharded_state(model, optimizer, extra_models, is_loading=False, with_rng=True)
+        state["common"] = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "layout": _layout(),
+            "distributed_optimizer": optimizer is not None
+            and _uses_distributed_optimizer(optimizer),
+            "has_optimizer": optimizer is not None,
+            "extra_models": sorted(extra_models),
+            "trainer_state": dict(trainer_state or {}),
+            "extra_state": dict(extra_state or {}),
+        }
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()
+        final = self.path(step)
+        if dist.get_rank() == 0:
+            if _before_publish is not None:
+                _before_publish(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+            _write_atomically(self.directory / "latest", final.name + "\n")
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.steps()[: -self.keep_last]:
+            shutil.rmtree(self.path(old), ignore_errors=True)
+
+    # ----------------------------------------------------------------- loading
+    def load(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any | None = None,
+        *,
+        step: int | None = None,
+        extra_models: Mapping[str, ExtraModel] | None = None,
+        load_rng: bool = True,
+    ) -> LoadedCheckpoint | None:
+        """Restore the newest (or the given) checkpoint into this rank's objects (collective).
+
+        Args:
+            model: This rank's model chunk, in any TP/PP layout.
+            optimizer: The optimizer to restore, or None to load weights only (e.g. when
+                converting between layouts the distributed optimizer cannot follow).
+            step: Which checkpoint; default the newest complete one.
+            extra_models: Where to load the named extra weights (modules, or state dicts whose
+                tensors are overwritten in place).
+            load_rng: Restore RNG states (only possible at the saved world size).
+
+        Returns:
+            What was restored, or None when the directory holds no complete checkpoint.
+
+        Raises:
+            FileNotFoundError: When ``step`` is given and has no complete checkpoint.
+            ValueError: When the optimizer state cannot be loaded into this optimizer or layout.
+        """
+        from megatron.core import dist_checkpointing
+
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        path = self.path(step)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
+        common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+        extra_models = dict(extra_models or {})
+        missing = set(extra_models) - set(common["extra_models"])
+        if missing:
+            raise KeyError(f"checkpoint {path} has no extra models {sorted(missing)}")
+        if optimizer is not None:
+            self._check_optimizer(path, common, optimizer)
+        with_rng = load_rng and common["layout"]["world_size"] == dist.get_world_size()
+        template = self._sharded_state(
+            model, optimizer, extra_models, is_loading=True, with_rng=with_rng
+        )
+        loaded = dist_checkpointing.load(template, str(path))
+        unwrap_model(model).load_state_dict(loaded["model"])
+        if optimizer is not None:
+            # The distributed optimizer copies into views of leaf parameters.
+            with torch.no_grad():
+                optimizer.load_state_dict(loaded["optimizer"])
+        for name, extra in extra_models.items():
+            prefix = f"extra_models.{name}."
+            values = {k[len(prefix) :]: v for k, v in loaded[f"extra_model_{name}"].items()}
+            if isinstance(extra, torch.nn.Module):
+                unwrap_model(extra).load_state_dict(values)
+            else:
+                with torch.no_grad():
+                    for key, tensor in extra.items():
+                        if key in values and isinstance(values[key], torch.Tensor):
+                            tensor.copy_(values[key])
+        if with_rng:
+            restore_rng_state(loaded["rng"])
+        return LoadedCheckpoint(
+            step=step,
+            path=path,
+            trainer_state=common["trainer_state"],
+            extra_state=common["extra_state"],
+            rng_restored=with_rng,
+            optimizer_restored=optimizer is not None,
+        )
+
+    @staticmethod
+    def _check_optimizer(path: Path, common: Mapping[str, Any], optimizer: Any) -> None:
+        if not common["has_optimizer"]:
+            raise ValueError(
+                f"checkpoint {path} holds no optimizer state (load with optimizer=None)"
+            )
+        saved_dist = common["distributed_optimizer"]
+        if saved_dist != _uses_distributed_optimizer(optimizer):
+            raise ValueError(
+                f"checkpoint {path} was saved with use_distributed_optimizer={saved_dist}; "
+                "load it with the same setting, or with optimizer=None for the weights only"
+            )
+        if saved_dist:
+            saved, now = common["layout"], _layout()
+            for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+                if saved[key] != now[key]:
+                    raise ValueError(
+                        f"checkpoint {path} holds distributed-optimizer state for {key}="
+                        f"{saved[key]}, this run has {now[key]}: it reshards only over data "
+                        "parallelism (load with optimizer=None for the weights only)"
+                    )
