@@ -1,0 +1,133 @@
+"""Adapter for Hugging Face ``tokenizers`` (a ``tokenizer.json``), an optional extra.
+
+``pip install 'align-data[hf]'`` (and ``[chat]`` for the Jinja chat template).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from align_data.chat import ChatTemplate, JinjaChatTemplate
+
+__all__ = ["HFTokenizer"]
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+class HFTokenizer:
+    """A :class:`align_data.Tokenizer` over a Hugging Face ``tokenizers.Tokenizer``.
+
+    Special tokens come from ``tokenizer_config.json`` (``bos_token``, ``eos_token``,
+    ``pad_token``) when it sits next to ``tokenizer.json``, or from the arguments, which win.
+    The pad id falls back to the EOS id.
+
+    Args:
+        tokenizer_file: Path to ``tokenizer.json`` (or the directory holding it).
+        bos_token: BOS token text (None: from the config; the tokenizer may have none).
+        eos_token: EOS token text (None: from the config; required somewhere).
+        pad_token: Pad token text (None: from the config, else the EOS token).
+        chat_template: Template for chat messages. None: the config's ``chat_template`` if any.
+
+    Raises:
+        ImportError: Without the ``tokenizers`` library.
+        ValueError: When the EOS token is unknown or a named token is not in the vocabulary.
+    """
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: ChatTemplate | None = None,
+    ) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "HFTokenizer needs the tokenizers library: pip install 'align-data[hf]'"
+            ) from exc
+        path = Path(tokenizer_file)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        data = path.read_bytes()
+        self._tok = _HFTokenizer.from_str(data.decode("utf-8"))
+        self._hash = hashlib.sha256(data).hexdigest()[:16]
+        config_path = path.parent / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_path.exists():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        bos_token = bos_token or _token_text(config.get("bos_token"))
+        eos_token = eos_token or _token_text(config.get("eos_token"))
+        pad_token = pad_token or _token_text(config.get("pad_token"))
+        if eos_token is None:
+            raise ValueError(f"{path}: no EOS token (pass eos_token= or add it to the config)")
+        self._bos_id = self._id(bos_token) if bos_token else None
+        self._eos_id = self._id(eos_token)
+        self._pad_id = self._id(pad_token) if pad_token else self._eos_id
+        if chat_template is None and (config.get("chat_template") or _has_jinja(path.parent)):
+            chat_template = JinjaChatTemplate.from_tokenizer_config(config_path)
+        self._chat_template = chat_template
+        self._special = {self._eos_id, self._pad_id} | (
+            {self._bos_id} if self._bos_id is not None else set()
+        )
+
+    def _id(self, token: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary")
+        return int(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def bos_id(self) -> int | None:
+        """See :class:`align_data.Tokenizer`."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return self._pad_id
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """See :class:`align_data.Tokenizer`."""
+        return self._chat_template
+
+    @property
+    def fingerprint(self) -> str:
+        """See :class:`align_data.Tokenizer`."""
+        return f"hf-{self._hash}-{self._bos_id}-{self._eos_id}-{self._pad_id}"
+
+    def encode(self, text: str) -> list[int]:
+        """See :class:`align_data.Tokenizer`."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """See :class:`align_data.Tokenizer`."""
+        kept = [int(i) for i in ids if int(i) not in self._special]
+        return str(self._tok.decode(kept, skip_special_tokens=False))
+
+
+def _has_jinja(directory: Path) -> bool:
+    return (directory / "chat_template.jinja").exists() and (
+        directory / "tokenizer_config.json"
+    ).exists()

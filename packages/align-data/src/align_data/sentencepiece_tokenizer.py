@@ -1,0 +1,95 @@
+"""Adapter for sentencepiece ``.model`` files (as found inside ``.nemo`` archives), an extra.
+
+``pip install 'align-data[sentencepiece]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from align_data.chat import ChatTemplate
+
+__all__ = ["SentencePieceTokenizer"]
+
+
+class SentencePieceTokenizer:
+    """A :class:`align_data.Tokenizer` over a sentencepiece model.
+
+    BOS/EOS/pad ids come from the model (``bos_id()``, ``eos_id()``, ``pad_id()``); a model
+    without a pad piece pads with EOS. Pieces such as NeMo's ``<extra_id_1>`` are encoded as
+    single tokens when the model defines them as user-defined symbols.
+
+    Like NeMo's SFT datasets, prompt and response are encoded separately, so each fragment gets
+    sentencepiece's dummy-prefix space when the model uses one.
+
+    Args:
+        model_file: Path to the ``.model`` file.
+        chat_template: Template for chat messages (for example
+            :class:`align_data.NeMoChatTemplate`), or None.
+
+    Raises:
+        ImportError: Without the ``sentencepiece`` library.
+        ValueError: When the model has no EOS piece.
+    """
+
+    def __init__(
+        self, model_file: str | Path, *, chat_template: ChatTemplate | None = None
+    ) -> None:
+        try:
+            import sentencepiece as spm
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "SentencePieceTokenizer needs sentencepiece: "
+                "pip install 'align-data[sentencepiece]'"
+            ) from exc
+        data = Path(model_file).read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        self._hash = hashlib.sha256(data).hexdigest()[:16]
+        bos, eos, pad = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+        if eos < 0:
+            raise ValueError(f"{model_file}: the sentencepiece model has no EOS piece")
+        self._bos_id = bos if bos >= 0 else None
+        self._eos_id = eos
+        self._pad_id = pad if pad >= 0 else eos
+        self._chat_template = chat_template
+        self._special = {eos, self._pad_id} | ({bos} if bos >= 0 else set())
+
+    @property
+    def vocab_size(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return int(self._sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int | None:
+        """See :class:`align_data.Tokenizer`."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        """See :class:`align_data.Tokenizer`."""
+        return self._pad_id
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """See :class:`align_data.Tokenizer`."""
+        return self._chat_template
+
+    @property
+    def fingerprint(self) -> str:
+        """See :class:`align_data.Tokenizer`."""
+        return f"sp-{self._hash}"
+
+    def encode(self, text: str) -> list[int]:
+        """See :class:`align_data.Tokenizer`."""
+        return [int(i) for i in self._sp.encode(text, out_type=int)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """See :class:`align_data.Tokenizer`."""
+        return str(self._sp.decode([int(i) for i in ids if int(i) not in self._special]))

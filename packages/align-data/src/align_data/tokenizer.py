@@ -1,0 +1,117 @@
+"""The :class:`Tokenizer` protocol and the dependency-free :class:`ByteTokenizer`.
+
+Adapters for Hugging Face ``tokenizers`` (:class:`align_data.HFTokenizer`) and sentencepiece
+(:class:`align_data.SentencePieceTokenizer`) live in their own modules and import their library
+only when constructed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from align_data.chat import ChatTemplate, SimpleChatTemplate
+
+__all__ = ["ByteTokenizer", "Tokenizer"]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What align needs from a tokenizer.
+
+    ``encode`` never adds BOS/EOS by itself: tokenization adds them where the configuration asks.
+    ``decode`` leaves out the BOS, EOS and pad ids.
+    """
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (special tokens included)."""
+        ...
+
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence id, or None if the tokenizer has none."""
+        ...
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence id (ends every response)."""
+        ...
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to pad batches (never a label)."""
+        ...
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """The template used for chat messages, or None."""
+        ...
+
+    @property
+    def fingerprint(self) -> str:
+        """A string that changes whenever the token ids of any text would change."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, without BOS/EOS/pad."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0-255 are bytes, then pad (256), BOS (257), EOS (258).
+
+    No dependencies and no training: used by the tests, the synthetic demo and tiny models.
+
+    Args:
+        chat_template: Template for chat messages; :class:`SimpleChatTemplate` by default.
+    """
+
+    PAD = 256
+    BOS = 257
+    EOS = 258
+
+    def __init__(self, chat_template: ChatTemplate | None = None) -> None:
+        self._chat_template = chat_template if chat_template is not None else SimpleChatTemplate()
+
+    @property
+    def vocab_size(self) -> int:
+        """See :class:`Tokenizer`."""
+        return 259
+
+    @property
+    def bos_id(self) -> int:
+        """See :class:`Tokenizer`."""
+        return self.BOS
+
+    @property
+    def eos_id(self) -> int:
+        """See :class:`Tokenizer`."""
+        return self.EOS
+
+    @property
+    def pad_id(self) -> int:
+        """See :class:`Tokenizer`."""
+        return self.PAD
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """See :class:`Tokenizer`."""
+        return self._chat_template
+
+    @property
+    def fingerprint(self) -> str:
+        """See :class:`Tokenizer`."""
+        return "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        """See :class:`Tokenizer`."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """See :class:`Tokenizer`; invalid UTF-8 sequences decode to U+FFFD."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
