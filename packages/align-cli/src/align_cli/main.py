@@ -1,14 +1,186 @@
-"""Entry point of the ``align`` command."""
+"""Entry point of the ``align`` command (Typer).
 
+Only Typer is imported here; each command imports what it needs when it runs, so ``align
+--help`` stays fast (no torch, megatron, Hydra or matplotlib).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-__all__ = ["app"]
+__all__ = ["app", "report_errors"]
 
 app = typer.Typer(
-    name="align", no_args_is_help=True, help="Align and distil LLMs on megatron-core."
+    name="align",
+    no_args_is_help=True,
+    help="Align and distil LLMs on megatron-core: DPO, IPO, RPO, KTO, SFT.",
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
+run_app = typer.Typer(
+    no_args_is_help=True,
+    help="Train a model. Overrides follow the command as key=value (NeMo-Aligner's names).",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Check, tokenize and describe data files.")
+ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and export checkpoints.")
+app.add_typer(run_app, name="run")
+app.add_typer(data_app, name="data")
+app.add_typer(ckpt_app, name="ckpt")
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _print_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def report_errors(fn: Callable[[], int], *, rank: int = 0) -> int:
+    """Run ``fn`` and turn expected failures into one line on stderr and an exit status.
+
+    Bad configuration or data exits 2 with the key or the ``file:line: field:`` location; a
+    non-finite loss exits 1 naming the step. Other exceptions propagate with their traceback.
+    ``ALIGN_DEBUG=1`` re-raises everything. Only ``rank`` 0 prints.
+    """
+    from align_cli.errors import UsageError
+
+    debug = os.environ.get("ALIGN_DEBUG") == "1"
+    try:
+        return fn()
+    except UsageError as exc:
+        if debug:
+            raise
+        if rank == 0:
+            _print_error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            _print_error("interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        kind = type(exc).__name__
+        if kind == "NonFiniteError":
+            if rank == 0:
+                _print_error(str(exc))
+            return 1
+        if kind in ("DataError", "NemoFormatError", "UnsupportedNemoConfigError", "ValueError"):
+            if rank == 0:
+                _print_error(str(exc))
+            return 2
+        raise
+
+
+def _exit(status: int) -> None:
+    raise typer.Exit(status)
+
+
+_RUN_HELP = {
+    "dpo": "Direct preference optimisation (model.dpo.*; cDPO via label_smoothing).",
+    "ipo": "IPO: DPO-family run with model.dpo.preference_loss=ipo.",
+    "rpo": "Reward-aware preference optimisation: model.dpo.preference_loss=rpo_bwd_kl "
+    "(or rpo_sq, rpo_fwd_kl); rewards from chosen_reward/rejected_reward.",
+    "kto": "KTO on unpaired desirable/undesirable examples (model.kto.*).",
+    "sft": "Supervised fine-tuning on prompt/completion or chat data (model.sft.*).",
+}
+
+_RUN_EPILOG = (
+    "Examples: align run {cmd} (demo: tiny model, synthetic data) | align run {cmd} "
+    "--restore model.nemo model.data.data_prefix=train.jsonl trainer.{algo}.max_steps=100 "
+    "model.optim.lr=5e-6 | align run {cmd} --resume | align run {cmd} --show-config"
+)
+
+
+def _check_unknown_options(ctx: typer.Context) -> None:
+    """Fail on a mistyped ``--option`` (extra arguments are otherwise taken as overrides)."""
+    import difflib
+
+    known = [opt for param in ctx.command.params for opt in param.opts if opt.startswith("-")]
+    for arg in ctx.args:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {match[0]}?" if match else ""
+            _print_error(f"no such option: {name}{hint}")
+            _exit(2)
+
+
+def _register_run(command: str) -> None:
+    algo = "dpo" if command in ("ipo", "rpo") else command
+
+    def run_command(
+        ctx: typer.Context,
+        restore: Annotated[
+            str | None,
+            typer.Option("--restore", help="Initial model (.nemo); sets pretrained_checkpoint."),
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the last run of this command.")
+        ] = False,
+        dry_run: Annotated[
+            bool,
+            typer.Option("--dry-run", help="Check config and data, print the plan, train nothing."),
+        ] = False,
+        config: Annotated[
+            str | None, typer.Option("--config", help="YAML file of configuration keys.")
+        ] = None,
+        show_config: Annotated[
+            bool, typer.Option("--show-config", help="Print the composed configuration and exit.")
+        ] = False,
+        quiet: Annotated[
+            bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")
+        ] = False,
+        nproc_per_node: Annotated[
+            int | None,
+            typer.Option("--nproc-per-node", help="Processes per node (torchrun)."),
+        ] = None,
+        nnodes: Annotated[int | None, typer.Option("--nnodes", help="Nodes (torchrun).")] = None,
+        node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
+        master_addr: Annotated[
+            str, typer.Option("--master-addr", help="Address of node 0.")
+        ] = "127.0.0.1",
+        master_port: Annotated[int, typer.Option("--master-port", help="Port on node 0.")] = 29500,
+    ) -> None:
+        _check_unknown_options(ctx)
+        from align_cli.commands.run import RunOptions, execute
+
+        options = RunOptions(
+            command=command,
+            overrides=tuple(ctx.args),
+            restore=restore,
+            resume=resume,
+            dry_run=dry_run,
+            config_file=config,
+            show_config=show_config,
+            quiet=quiet,
+            nproc_per_node=nproc_per_node,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            argv=tuple(sys.argv),
+        )
+        _exit(report_errors(lambda: execute(options)))
+
+    run_command.__doc__ = _RUN_HELP[command]
+    run_app.command(
+        command,
+        context_settings=_EXTRA,
+        options_metavar="[OPTIONS] [KEY=VALUE]...",
+        help=_RUN_HELP[command],
+        epilog=_RUN_EPILOG.format(cmd=command, algo=algo),
+    )(run_command)
+
+
+for _command in ("dpo", "ipo", "rpo", "kto", "sft"):
+    _register_run(_command)
 
 
 @app.callback()
@@ -21,3 +193,29 @@ def show_version() -> None:
     """Print the installed version of every align package."""
     for dist in ("align-losses", "align-data", "align-core", "align-kd", "align-cli"):
         typer.echo(f"{dist} {version(dist)}")
+
+
+@app.command("plot")
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (with metrics.jsonl).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default RUN_DIR/plots).")
+    ] = None,
+) -> None:
+    """Write PNG charts (loss, accuracy, reward margin, KL, lr) from a run's metrics.jsonl."""
+
+    def work() -> int:
+        from align_cli.errors import UsageError
+        from align_cli.plot import plot_run
+
+        try:
+            written = plot_run(run_dir, out)
+        except (FileNotFoundError, ImportError) as exc:
+            raise UsageError(str(exc)) from exc
+        if not written:
+            raise UsageError(f"{run_dir}/metrics.jsonl has no metrics to plot")
+        for path in written:
+            typer.echo(str(path))
+        return 0
+
+    _exit(report_errors(work))

@@ -1,0 +1,278 @@
+"""``align run {dpo,ipo,rpo,kto,sft}``: compose, check, lay out the run directory, launch.
+
+Layers of the configuration, later ones winning: the dataclass defaults; the command's preset
+(``ipo``/``rpo``); the built-in demo preset when neither a model nor data is given; ``--config
+FILE``; ``--restore``; the ``key=value`` overrides. ``--resume`` starts instead from the saved
+``config.yaml`` of the run being continued (overrides still apply, e.g. a larger
+``trainer.dpo.max_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from align_cli.config import Composed, compose, load_tree, to_run_config, to_yaml
+from align_cli.config.presets import DEMO, VARIANTS, algorithm_of, check_variant
+from align_cli.config.restore import base_model_for
+from align_cli.errors import UsageError
+from align_cli.launch import LaunchOptions, launcher, run_torchrun
+from align_cli.rundir import (
+    CONFIG_FILE,
+    RUN_FILE,
+    find_last_run,
+    new_run_dir,
+    read_run_info,
+    write_run_info,
+)
+
+__all__ = ["Prepared", "RunOptions", "execute", "prepare"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What was typed after ``align run``.
+
+    Attributes:
+        command: ``dpo``, ``ipo``, ``rpo``, ``kto`` or ``sft``.
+        overrides: ``key=value`` arguments.
+        restore: ``--restore``: the initial ``.nemo``.
+        resume: ``--resume``: continue the last run (or ``exp_manager.explicit_log_dir``).
+        dry_run: ``--dry-run``: check configuration and data, print the plan, train nothing.
+        config_file: ``--config``: a YAML file of (part of) the tree.
+        show_config: ``--show-config``: print the composed tree and exit.
+        quiet: ``--quiet``: no progress bar or summary.
+        nproc_per_node: ``--nproc-per-node`` (None: ``trainer.devices``, else 1).
+        nnodes: ``--nnodes`` (None: ``trainer.num_nodes``).
+        node_rank: ``--node-rank``.
+        master_addr: ``--master-addr``.
+        master_port: ``--master-port``.
+        argv: The full command line, recorded in ``run.json``.
+    """
+
+    command: str
+    overrides: tuple[str, ...] = ()
+    restore: str | None = None
+    resume: bool = False
+    dry_run: bool = False
+    config_file: str | None = None
+    show_config: bool = False
+    quiet: bool = False
+    nproc_per_node: int | None = None
+    nnodes: int | None = None
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    argv: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A composed, checked run, ready to launch.
+
+    Attributes:
+        composed: The configuration tree.
+        run_dir: The run directory.
+        run: align-core's typed run configuration.
+        launch: How many processes, and where they meet.
+        demo: Whether the built-in demo preset applies (no model, no data).
+        resumed: Whether this continues an existing run directory.
+    """
+
+    composed: Composed
+    run_dir: Path
+    run: Any
+    launch: LaunchOptions
+    demo: bool
+    resumed: bool
+
+
+def _layers(options: RunOptions, algorithm: str, demo: bool) -> list[Any]:
+    layers: list[Any] = []
+    if options.command in VARIANTS:
+        layers.append(OmegaConf.create(VARIANTS[options.command]))
+    if demo:
+        layers.append(OmegaConf.create(DEMO[algorithm]))
+    if options.config_file:
+        layers.append(load_tree(algorithm, options.config_file))  # type: ignore[arg-type]
+    if options.restore:
+        layers.append(
+            OmegaConf.create({"pretrained_checkpoint": {"restore_from_path": options.restore}})
+        )
+    return layers
+
+
+def _is_demo(composed: Composed) -> bool:
+    tree = composed.tree
+    return (
+        tree.pretrained_checkpoint.restore_from_path is None and tree.model.data.data_prefix is None
+    )
+
+
+def _set(config: DictConfig, key: str, value: Any) -> None:
+    OmegaConf.update(config, key, value, force_add=False)
+
+
+def _resume_dir(options: RunOptions, composed: Composed) -> Path:
+    exp = composed.tree.exp_manager
+    if exp.explicit_log_dir:
+        run_dir = Path(exp.explicit_log_dir)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise UsageError(f"--resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
+    else:
+        run_dir = find_last_run(exp.exp_dir, options.command)
+    info = read_run_info(run_dir)
+    if info.command != options.command:
+        raise UsageError(
+            f"--resume: {run_dir} is an `align run {info.command}` run, not "
+            f"`align run {options.command}`"
+        )
+    return run_dir
+
+
+def _launch_options(options: RunOptions, tree: Any) -> LaunchOptions:
+    nproc = options.nproc_per_node or tree.trainer.devices or 1
+    nnodes = options.nnodes or tree.trainer.num_nodes or 1
+    for name, value in (("--nproc-per-node", nproc), ("--nnodes", nnodes)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if not 0 <= options.node_rank < nnodes:
+        raise UsageError(f"--node-rank {options.node_rank} is not in [0, {nnodes})")
+    return LaunchOptions(
+        nproc_per_node=nproc,
+        nnodes=nnodes,
+        node_rank=options.node_rank,
+        master_addr=options.master_addr,
+        master_port=options.master_port,
+    )
+
+
+def prepare(options: RunOptions) -> Prepared:
+    """Compose and check everything; decide the run directory and the launch.
+
+    Nothing is written to disk.
+
+    Raises:
+        ConfigError: A bad key or value (naming it).
+        UsageError: Options that cannot work together.
+    """
+    algorithm = algorithm_of(options.command)
+    overrides = list(options.overrides)
+    composed = compose(algorithm, overrides, base=_layers(options, algorithm, demo=False))  # type: ignore[arg-type]
+    resumed = False
+    if options.resume:
+        run_dir = _resume_dir(options, composed)
+        saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        composed = compose(algorithm, overrides, base=[saved])  # type: ignore[arg-type]
+        resumed = True
+        demo = _is_demo(composed)
+    else:
+        demo = _is_demo(composed)
+        if demo:
+            composed = compose(algorithm, overrides, base=_layers(options, algorithm, demo=True))  # type: ignore[arg-type]
+        exp = composed.tree.exp_manager
+        if exp.explicit_log_dir:
+            run_dir = Path(exp.explicit_log_dir)
+            resumed = (run_dir / CONFIG_FILE).is_file() and exp.resume_if_exists
+        else:
+            launch_nodes = options.nnodes or composed.tree.trainer.num_nodes or 1
+            if launch_nodes > 1 and launcher() is None and not exp.name:
+                raise UsageError(
+                    "a run on several nodes needs the same run directory on every node: give "
+                    "exp_manager.explicit_log_dir=DIR (or exp_manager.name=NAME)"
+                )
+            run_dir = new_run_dir(exp.exp_dir, exp.name, options.command)
+    if algorithm == "dpo":
+        check_variant(options.command, composed.tree.model.dpo.preference_loss)
+    _set(composed.config, "exp_manager.explicit_log_dir", str(run_dir))
+    composed.tree.exp_manager.explicit_log_dir = str(run_dir)
+    if not composed.tree.exp_manager.resume_if_exists and resumed and not options.resume:
+        resumed = False
+    run = to_run_config(
+        algorithm,  # type: ignore[arg-type]
+        composed.tree,
+        str(run_dir),
+        base_model=base_model_for(composed.tree),
+    )
+    if options.resume:
+        run = dataclasses.replace(run, resume=True)
+    return Prepared(
+        composed=composed,
+        run_dir=run_dir,
+        run=run,
+        launch=_launch_options(options, composed.tree),
+        demo=demo,
+        resumed=resumed,
+    )
+
+
+def write_run_dir(prepared: Prepared, options: RunOptions) -> None:
+    """Create the run directory with ``config.yaml`` and ``run.json``."""
+    from align_cli.rundir import atomic_write
+
+    prepared.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(prepared.run_dir / CONFIG_FILE, to_yaml(prepared.composed.config))
+    write_run_info(
+        prepared.run_dir,
+        options.command,
+        prepared.composed.algorithm,
+        list(options.argv) or sys.argv,
+    )
+
+
+def execute(options: RunOptions, console: Console | None = None) -> int:
+    """Run ``align run <command>``; return the exit status."""
+    console = console or Console()
+    prepared = prepare(options)
+    for note in prepared.composed.notes:
+        console.print(f"note: {note}", highlight=False)
+    if options.show_config:
+        console.print(to_yaml(prepared.composed.config), highlight=False, markup=False)
+        return 0
+    if prepared.demo and launcher() is None:
+        console.print(
+            "demo: no model and no data given: training the tiny default model on align-data's "
+            "synthetic preference task (give --restore MODEL.nemo and "
+            "model.data.data_prefix=FILE for a real run)",
+            highlight=False,
+        )
+    if options.dry_run:
+        from align_cli.plan import dry_run
+
+        return dry_run(prepared, console)
+    from align_cli.worker import run_worker
+
+    under = launcher()
+    if under is not None:
+        # One rank of a torchrun/Slurm job: the process on global rank 0 writes the directory.
+        from align_cli.launch import world_rank
+
+        if world_rank() == 0:
+            write_run_dir(prepared, options)
+        else:
+            _wait_for(prepared.run_dir / RUN_FILE)
+        return run_worker(
+            prepared.run_dir, composed=prepared.composed, quiet=options.quiet, console=console
+        )
+    write_run_dir(prepared, options)
+    if prepared.launch.world_size > 1:
+        return run_torchrun(prepared.launch, prepared.run_dir)
+    return run_worker(
+        prepared.run_dir, composed=prepared.composed, quiet=options.quiet, console=console
+    )
+
+
+def _wait_for(path: Path, timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise UsageError(f"rank 0 did not create {path} within {timeout_s:.0f} s")
+        time.sleep(0.2)

@@ -1,0 +1,39 @@
+"""The architecture of the model named by ``pretrained_checkpoint.restore_from_path``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from align_cli.config.schema import model_overrides
+from align_cli.errors import ConfigError
+
+__all__ = ["base_model_for", "read_model_config"]
+
+
+def read_model_config(path: str) -> Any:
+    """The `align_core.ModelConfig` stored in a ``.nemo`` file or directory.
+
+    Raises:
+        ConfigError: The file cannot be read as a NeMo GPT checkpoint.
+    """
+    from align_core.nemo import read_model_config as read
+
+    try:
+        return read(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"pretrained_checkpoint.restore_from_path: {exc}",
+            key="pretrained_checkpoint.restore_from_path",
+        ) from exc
+
+
+def base_model_for(tree: Any) -> Any:
+    """The restored model's architecture when ``model.*`` keys change it, else None.
+
+    None lets the trainer take the architecture from the checkpoint unchanged (or use the
+    default tiny model when nothing is restored).
+    """
+    path = tree.pretrained_checkpoint.restore_from_path
+    if path is None or not model_overrides(tree):
+        return None
+    return read_model_config(path)

@@ -1,0 +1,354 @@
+"""The configuration tree of ``align run``, with NeMo-Aligner's key names.
+
+The tree is made of the typed dataclasses that live in align-core (`DPOConfig`, `KTOConfig`,
+`SFTConfig`, `TrainerConfig`, `ReferenceConfig`, `ParallelConfig`, `ModelConfig`, `DataConfig`)
+nested in a few CLI sections that only arrange them under NeMo-Aligner's names::
+
+    trainer.devices / num_nodes / precision        launch (same as --nproc-per-node / --nnodes)
+    trainer.<algo>.*                               TrainerConfig (max_steps, val_check_interval...)
+    model.micro_batch_size, model.global_batch_size, model.seed
+    model.tensor_model_parallel_size, ...          ParallelConfig (flat, as in NeMo)
+    model.num_layers, model.encoder_seq_length ... ModelConfig (flat; unset = from the checkpoint)
+    model.<algo>.*                                 DPOConfig / KTOConfig / SFTConfig
+    model.data.data_prefix, model.data.*           DataConfig
+    model.reference.*                              ReferenceConfig
+    exp_manager.*                                  run directory, resume, loggers
+    pretrained_checkpoint.restore_from_path        the initial policy
+
+Each algorithm (``dpo``, ``kto``, ``sft``) gets its own tree: a KTO run has ``model.kto`` and
+``trainer.kto`` and no ``model.dpo``, so a key for another algorithm fails instead of being
+silently ignored. Defaults are never written here; they are read from the source dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, Literal
+
+from align_cli.config.structured import FieldSpec, build, extract, flat_fields, typed_section
+from align_cli.errors import ConfigError
+from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
+from align_core.config import ModelConfig, ParallelConfig
+from align_core.trainer import DataConfig, ReferenceConfig, RunConfig, TrainerConfig
+
+__all__ = [
+    "ALGORITHMS",
+    "MODEL_RENAMES",
+    "TreeAlgorithm",
+    "default_of",
+    "model_overrides",
+    "normalize_data_prefix",
+    "to_run_config",
+    "tree_class",
+    "typed_tree",
+]
+
+TreeAlgorithm = Literal["dpo", "kto", "sft"]
+ALGORITHMS: dict[TreeAlgorithm, type] = {"dpo": DPOConfig, "kto": KTOConfig, "sft": SFTConfig}
+
+MODEL_RENAMES = {"seq_length": "encoder_seq_length"}
+"""`ModelConfig` field -> NeMo key under ``model.``."""
+
+DATA_RENAMES = {"pad_to_multiple_of": "pad_length_to_multiple_of"}
+"""`DataConfig` field -> NeMo key under ``model.data.``."""
+
+_DATA_ELSEWHERE = ("train_files", "validation_files", "micro_batch_size", "global_batch_size")
+PRECISIONS = {
+    "32": "fp32",
+    "fp32": "fp32",
+    "32-true": "fp32",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+    "16": "fp16",
+    "fp16": "fp16",
+    "16-mixed": "fp16",
+}
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (its one home)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return f.default
+    raise KeyError(name)
+
+
+def _spec(cls: type, name: str, key: str | None = None, doc: str = "") -> FieldSpec:
+    """A field with the same type and default as ``cls.name``, under key ``key``."""
+    hint = typing.get_type_hints(cls)[name]
+    return FieldSpec(key or name, hint, default_of(cls, name), doc=doc)
+
+
+_ExpCheckpoint = typed_section(
+    "CheckpointCallbackParams",
+    "``exp_manager.checkpoint_callback_params``: what is written at the end.",
+    [
+        _spec(
+            RunConfig,
+            "export_nemo",
+            "save_nemo_on_train_end",
+            "write run_dir/final.nemo at the end (LoRA merged)",
+        )
+    ],
+)
+
+ExpManagerSection = typed_section(
+    "ExpManagerSection",
+    "``exp_manager``: where the run directory is and what it holds.",
+    [
+        FieldSpec(
+            "explicit_log_dir",
+            str | None,
+            None,
+            doc="run directory; default <exp_dir>/<algorithm>-<timestamp>",
+        ),
+        FieldSpec("exp_dir", str, "runs", doc="parent of new run directories"),
+        FieldSpec("name", str | None, None, doc="run name; default <algorithm>-<timestamp>"),
+        _spec(
+            RunConfig,
+            "resume",
+            "resume_if_exists",
+            "continue from the newest checkpoint in the run directory",
+        ),
+        FieldSpec(
+            "create_tensorboard_logger",
+            bool,
+            True,
+            doc="write TensorBoard events (when tensorboard is installed)",
+        ),
+        FieldSpec("create_plots", bool, True, doc="write PNG charts at the end of the run"),
+        FieldSpec(
+            "checkpoint_callback_params",
+            _ExpCheckpoint,
+            factory=_ExpCheckpoint,
+            doc="final export",
+        ),
+    ],
+)
+
+PretrainedSection = typed_section(
+    "PretrainedCheckpointSection",
+    "``pretrained_checkpoint``: the initial policy.",
+    [
+        _spec(
+            RunConfig,
+            "restore_from_path",
+            doc=".nemo file or directory; unset trains a fresh tiny model",
+        )
+    ],
+)
+
+DataSection = typed_section(
+    "DataSection",
+    "``model.data``: files and how they become batches (align-core's DataConfig).",
+    [
+        FieldSpec(
+            "data_prefix",
+            Any,
+            None,
+            doc="train file(s), or {train: [...], validation: [...], test: [...]}",
+        ),
+        *flat_fields(DataConfig, rename=DATA_RENAMES, exclude=_DATA_ELSEWHERE),
+    ],
+)
+
+
+@cache
+def tree_class(algorithm: TreeAlgorithm) -> type:
+    """The typed configuration tree of ``algorithm`` (``dpo`` also serves IPO and RPO)."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+    name = algorithm.upper()
+    trainer = typed_section(
+        f"{name}TrainerSection",
+        "``trainer``: launch settings and the loop of this algorithm.",
+        [
+            FieldSpec("devices", int | None, None, doc="processes per node (= --nproc-per-node)"),
+            FieldSpec("num_nodes", int, 1, doc="nodes (= --nnodes)"),
+            FieldSpec(
+                "precision",
+                str | None,
+                None,
+                doc="NeMo precision (bf16, bf16-mixed, 16, 32); sets model.dtype",
+            ),
+            FieldSpec(algorithm, TrainerConfig, factory=TrainerConfig, doc="the trainer loop"),
+        ],
+    )
+    model = typed_section(
+        f"{name}ModelSection",
+        "``model``: batch sizes, parallel layout, architecture and algorithm settings.",
+        [
+            _spec(DataConfig, "micro_batch_size"),
+            _spec(DataConfig, "global_batch_size"),
+            _spec(RunConfig, "seed"),
+            *flat_fields(ParallelConfig),
+            *flat_fields(ModelConfig, optional=True, rename=MODEL_RENAMES),
+            FieldSpec(algorithm, ALGORITHMS[algorithm], factory=ALGORITHMS[algorithm]),
+            FieldSpec("data", DataSection, factory=DataSection),
+            FieldSpec("reference", ReferenceConfig, factory=ReferenceConfig),
+        ],
+    )
+    return typed_section(
+        f"{name}Tree",
+        f"The ``align run {algorithm}`` configuration tree.",
+        [
+            FieldSpec("trainer", trainer, factory=trainer),
+            FieldSpec("model", model, factory=model),
+            FieldSpec("exp_manager", ExpManagerSection, factory=ExpManagerSection),
+            FieldSpec("pretrained_checkpoint", PretrainedSection, factory=PretrainedSection),
+        ],
+    )
+
+
+def _file_list(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key}: expected a file path or a list of paths, got {value!r}", key=key)
+
+
+def normalize_data_prefix(value: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``model.data.data_prefix`` in any of NeMo's shapes -> (train files, validation files).
+
+    Accepted: one path, a list of paths (all training), or a mapping with ``train``,
+    ``validation`` and ``test`` (``test`` is accepted and not used by training).
+
+    Raises:
+        ConfigError: Another shape, or an unknown split name (the closest is suggested).
+    """
+    key = "model.data.data_prefix"
+    if not isinstance(value, Mapping):
+        return _file_list(value, key), ()
+    splits = ("train", "validation", "test")
+    for name in value:
+        if name not in splits:
+            match = difflib.get_close_matches(str(name), splits, n=1)
+            hint = f"; did you mean {match[0]!r}?" if match else ""
+            raise ConfigError(
+                f"{key}.{name}: unknown split (train, validation or test){hint}",
+                key=f"{key}.{name}",
+            )
+    return (
+        _file_list(value.get("train"), f"{key}.train"),
+        _file_list(value.get("validation"), f"{key}.validation"),
+    )
+
+
+def _dtype(tree: Any) -> str | None:
+    precision = tree.trainer.precision
+    if precision is None:
+        return tree.model.dtype
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision: {precision!r} is not one of {', '.join(PRECISIONS)}",
+            key="trainer.precision",
+        )
+    dtype = PRECISIONS[str(precision)]
+    if tree.model.dtype is not None and tree.model.dtype != dtype:
+        raise ConfigError(
+            f"trainer.precision={precision} contradicts model.dtype={tree.model.dtype}",
+            key="trainer.precision",
+        )
+    return dtype
+
+
+def model_overrides(tree: Any) -> dict[str, Any]:
+    """The architecture keys set in the tree, as `ModelConfig` field names."""
+    out = {}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(tree.model, MODEL_RENAMES.get(f.name, f.name))
+        if value is not None:
+            out[f.name] = value
+    dtype = _dtype(tree)
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
+
+
+def to_run_config(
+    algorithm: TreeAlgorithm,
+    tree: Any,
+    run_dir: str,
+    *,
+    base_model: ModelConfig | None = None,
+) -> RunConfig:
+    """The typed `align_core.trainer.RunConfig` of a typed tree.
+
+    Args:
+        algorithm: ``dpo``, ``kto`` or ``sft``.
+        tree: An instance of ``tree_class(algorithm)``.
+        run_dir: The resolved run directory.
+        base_model: The architecture read from ``pretrained_checkpoint.restore_from_path``,
+            needed only when ``model.*`` keys change a restored model. Without a restored model
+            the architecture is `ModelConfig`'s defaults with the ``model.*`` keys applied.
+
+    Raises:
+        ConfigError: A value the typed configs reject, naming the key.
+    """
+    changes = model_overrides(tree)
+    restore = tree.pretrained_checkpoint.restore_from_path
+    if restore is None:
+        model = _model_config(changes)
+    elif changes:
+        if base_model is None:
+            raise ConfigError(
+                f"model.{next(iter(changes))}: changing a restored model needs its architecture "
+                "(base_model)",
+                key="model",
+            )
+        model = base_model.replace(**changes)
+    else:
+        model = None  # the trainer reads the architecture from the checkpoint
+    train_files, validation_files = normalize_data_prefix(tree.model.data.data_prefix)
+    data_kwargs = {
+        f.name: getattr(tree.model.data, DATA_RENAMES.get(f.name, f.name))
+        for f in dataclasses.fields(DataConfig)
+        if f.name not in _DATA_ELSEWHERE
+    }
+    try:
+        data = DataConfig(
+            train_files=train_files,
+            validation_files=validation_files,
+            micro_batch_size=tree.model.micro_batch_size,
+            global_batch_size=tree.model.global_batch_size,
+            **data_kwargs,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="model.data") from exc
+    parallel = extract(ParallelConfig, tree.model, "model")
+    kwargs: dict[str, Any] = {algorithm: getattr(tree.model, algorithm)}
+    return RunConfig(
+        algorithm=algorithm,
+        run_dir=run_dir,
+        model=model,
+        parallel=parallel,
+        trainer=getattr(tree.trainer, algorithm),
+        reference=tree.model.reference,
+        data=data,
+        restore_from_path=tree.pretrained_checkpoint.restore_from_path,
+        resume=tree.exp_manager.resume_if_exists,
+        export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
+        seed=tree.model.seed,
+        **kwargs,
+    )
+
+
+def _model_config(changes: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig(**changes)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model: {exc}", key="model") from exc
+
+
+def typed_tree(algorithm: TreeAlgorithm, plain: Any) -> Any:
+    """Convert what ``OmegaConf.to_object`` returned into the typed tree (checking choices)."""
+    return build(tree_class(algorithm), plain)

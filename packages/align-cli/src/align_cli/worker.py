@@ -1,0 +1,114 @@
+"""The worker entry point: one rank of a run, reading the resolved run directory.
+
+``python -m align_cli.worker RUN_DIR`` is what ``align run`` starts through torchrun; a single
+process, or a rank under Slurm ``srun``/an outer torchrun, calls `run_worker` directly. The worker
+composes the saved ``config.yaml`` (no new overrides), converts it to align-core's typed
+`RunConfig` and calls `align_core.trainer.train`, with the metric sinks on global rank 0.
+
+Exit status: 0 when the run completed or reached its wall-clock limit, 143 after SIGTERM (a
+checkpoint was saved; ``align run <algo> --resume`` continues), 1 on a non-finite loss or
+gradient, 2 for bad data or configuration (one line naming the file:line or the key).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align_cli.errors import UsageError
+from align_cli.launch import launcher, prepare_slurm_env, world_rank
+from align_cli.rundir import CONFIG_FILE, read_run_info
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from align_cli.config import Composed
+
+__all__ = ["EXIT_CODES", "main", "make_sinks", "run_worker"]
+
+EXIT_CODES = {"completed": 0, "max_time": 0, "sigterm": 143, "nonfinite": 1}
+"""Exit status by `align_core.trainer.RunResult.stop_reason`."""
+
+
+def make_sinks(
+    composed: Composed, run_dir: Path, *, quiet: bool, console: Console | None = None
+) -> list[Any]:
+    """The rank-0 sinks: metrics.jsonl, summary.json, TensorBoard, progress bar, plots."""
+    from align_cli.progress import ProgressSink
+    from align_cli.sinks import JsonlSink, PlotSink, SummarySink, TensorBoardSink
+
+    exp = composed.tree.exp_manager
+    sinks: list[Any] = [JsonlSink(run_dir), SummarySink(run_dir)]
+    if exp.create_tensorboard_logger and TensorBoardSink.available():
+        sinks.append(TensorBoardSink(run_dir / "tb"))
+    if not quiet:
+        sinks.append(ProgressSink(console, title=_title(run_dir)))
+    if exp.create_plots:
+        warn = console.print if console is not None else print
+        sinks.append(PlotSink(run_dir, warn=warn))
+    return sinks
+
+
+def _title(run_dir: Path) -> str:
+    try:
+        return f"align run {read_run_info(run_dir).command}"
+    except UsageError:
+        return "align run"
+
+
+def run_worker(
+    run_dir: Path,
+    *,
+    composed: Composed | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> int:
+    """Train this rank's share of the run in ``run_dir``; return the exit status.
+
+    Args:
+        run_dir: A run directory written by ``align run`` (``config.yaml`` and ``run.json``).
+        composed: The already composed configuration (skips re-reading ``config.yaml``).
+        quiet: No progress bar or summary table.
+        console: Console of the progress bar (rank 0).
+    """
+    from omegaconf import OmegaConf
+
+    from align_cli.config import compose, to_run_config
+    from align_cli.config.restore import base_model_for
+
+    if launcher() == "slurm":
+        prepare_slurm_env()
+    info = read_run_info(run_dir)
+    if composed is None:
+        composed = compose(info.algorithm, base=[OmegaConf.load(run_dir / CONFIG_FILE)])
+    run = to_run_config(
+        composed.algorithm,
+        composed.tree,
+        str(run_dir),
+        base_model=base_model_for(composed.tree),
+    )
+    rank = world_rank()
+    sinks = make_sinks(composed, run_dir, quiet=quiet, console=console) if rank == 0 else []
+
+    from align_core.trainer import train
+
+    result = train(run, sinks)
+    return EXIT_CODES.get(result.stop_reason, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m align_cli.worker RUN_DIR [--quiet]``."""
+    from align_cli.main import report_errors
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m align_cli.worker RUN_DIR [--quiet]", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    quiet = "--quiet" in args[1:]
+    return report_errors(lambda: run_worker(run_dir, quiet=quiet), rank=world_rank())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
