@@ -1,0 +1,151 @@
+"""Pieces every algorithm module shares: the step protocol, model-batch layout, reductions.
+
+A *model batch* is a ``dict[str, Tensor]`` that `align_core.schedule.forward_backward` hands to
+the forward (``tokens``, ``labels``, ``position_ids``, ``attention_mask``) and then to the
+algorithm's loss function. Besides the forward inputs it carries:
+
+- ``segment_ids [R, S]`` (int64): for each scored label, the index of the *sequence* it belongs
+  to (``0 .. N-1``), ``-1`` where nothing is scored. Padded batches use the row index; packed
+  batches give every packed sequence its own index. Per-sequence log-probs are the sums of token
+  log-probs over a segment, so the losses are computed the same way padded or packed.
+- ``seq_token_counts [N]`` (float32): scored tokens per sequence (for averaged log-probs).
+- ``sample_index [b]`` (int64): dataset index of each example (the reference cache key).
+- ``ref_logps [N]`` (float32): reference per-sequence *summed* log-probs, added by the trainer
+  after the reference pass.
+- algorithm-specific fields (ground-truth rewards, desirable flags, ...).
+
+Labels are aligned with positions: ``labels[:, t]`` is the token predicted at position ``t``
+(the next token), ``-100`` where not scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from align_core.schedule import LossFn
+from align_data.collate import CollateConfig
+
+__all__ = [
+    "IGNORE_INDEX",
+    "AlgorithmStep",
+    "ModelBatch",
+    "pad_model_batch",
+    "padded_model_batch",
+    "padded_segment_ids",
+    "segment_sums",
+    "sum_metrics",
+]
+
+IGNORE_INDEX = -100
+ModelBatch = dict[str, Tensor]
+
+
+class AlgorithmStep(Protocol):
+    """What the trainer needs from an algorithm (DPO family, KTO, SFT).
+
+    Attributes:
+        name: ``"dpo"``, ``"kto"`` or ``"sft"``.
+        needs_reference: Whether the loss uses reference log-probs.
+        ref_shape: Per-example width of the reference log-probs (2 for a pair, 2 for a KTO
+            sample and its KL sample, 0 without a reference).
+    """
+
+    name: str
+    needs_reference: bool
+    ref_shape: int
+
+    def build_micro_batch(self, examples: Sequence[Any], collate: CollateConfig) -> ModelBatch:
+        """Collate tokenized examples (align-data) into one padded model batch."""
+        ...
+
+    def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
+        """The global-batch normaliser of the loss: examples, or tokens for token-mean losses.
+
+        Runs on every rank; may all-reduce (token counts) over the data-parallel group.
+        """
+        ...
+
+    def loss_fn(self, normalizer: Tensor) -> LossFn:
+        """``(batch, token_logps) -> (loss, metric sums)`` with ``loss = Σ losses / normalizer``."""
+        ...
+
+    def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Turn metric sums reduced over the global batch into the logged metrics."""
+        ...
+
+
+def segment_sums(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    """Sum ``values`` per segment (differentiable).
+
+    Args:
+        values: ``[R, S]`` per-token values (0 where unscored is not required).
+        segment_ids: ``[R, S]`` segment index of each position, ``-1`` to leave it out.
+        num_segments: N.
+
+    Returns:
+        ``[N]`` sums (in ``values``' dtype).
+    """
+    flat = values.reshape(-1)
+    seg = segment_ids.reshape(-1)
+    keep = seg >= 0
+    out = flat.new_zeros(num_segments)
+    return out.index_add(0, seg.clamp(min=0), torch.where(keep, flat, torch.zeros_like(flat)))
+
+
+def padded_segment_ids(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Segment ids of a padded batch: the row index where a label is scored, ``-1`` elsewhere."""
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+    return torch.where(labels != ignore_index, rows, torch.full_like(rows, -1))
+
+
+def padded_model_batch(
+    input_ids: Tensor, labels: Tensor, position_ids: Tensor, lengths: Tensor
+) -> ModelBatch:
+    """The model batch of a right-padded collated batch (one sequence per row).
+
+    The attention mask is left out: the forward then uses the causal mask, and right padding
+    never influences real positions.
+    """
+    return {
+        "tokens": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": padded_segment_ids(labels),
+        "seq_token_counts": (labels != IGNORE_INDEX).sum(-1).float(),
+        "lengths": lengths,
+    }
+
+
+def pad_model_batch(batch: ModelBatch, length: int, *, pad_id: int) -> ModelBatch:
+    """Right-pad a padded model batch's rows to ``length`` (no-op when already that long).
+
+    Pipeline parallelism exchanges activations of one fixed shape, so every micro-batch of a
+    step is padded to the step's longest row.
+    """
+    extra = length - batch["tokens"].shape[-1]
+    if extra < 0:
+        raise ValueError(f"cannot pad rows of {batch['tokens'].shape[-1]} to {length}")
+    if extra == 0:
+        return batch
+    out = dict(batch)
+    pad = torch.nn.functional.pad
+    out["tokens"] = pad(batch["tokens"], (0, extra), value=pad_id)
+    out["labels"] = pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    out["segment_ids"] = pad(batch["segment_ids"], (0, extra), value=-1)
+    start = batch["position_ids"][..., -1:] + 1
+    tail = start + torch.arange(extra, device=start.device)
+    out["position_ids"] = torch.cat([batch["position_ids"], tail], dim=-1)
+    if "attention_mask" in batch:
+        raise ValueError("pad_model_batch: batches with an explicit attention mask are packed")
+    return out
+
+
+def sum_metrics(outputs: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Sum scalar metric tensors over micro-batches (keys of the first output)."""
+    if not outputs:
+        return {}
+    return {k: torch.stack([o[k].reshape(()) for o in outputs]).sum() for k in outputs[0]}

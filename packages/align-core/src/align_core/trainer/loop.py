@@ -1,0 +1,461 @@
+"""The trainer loop: one class holding the run's counters, handed an algorithm step.
+
+`Trainer.fit` runs optimizer steps until max steps (or epochs), the wall-clock limit or SIGTERM,
+validating and saving on schedule. One step over a global batch of
+``micro_batch_size × accumulation × data-parallel size`` examples:
+
+1. zero the gradient buffers;
+2. reference log-probs of this rank's micro-batches (when the algorithm needs them);
+3. the global-batch normaliser (examples, or tokens for token-mean losses);
+4. forward/backward over the micro-batches (`align_core.schedule.forward_backward`);
+5. metric sums reduced over data parallel and sent from the last pipeline stage to every rank;
+6. gradient norm; a NaN/inf loss or gradient stops the run naming the step
+   (``nonfinite="stop"``) or skips the update and counts it (``"skip"``);
+7. clipping and the optimizer update at the scheduled learning rate.
+
+Step accounting follows NeMo-Aligner: ``steps_per_epoch = ⌊train_samples / global_batch⌋``
+(times ``limit_train_batches``), ``max_steps = steps_per_epoch × max_epochs`` capped by
+``trainer.max_steps`` when that is ≥ 0, ``epoch = step // steps_per_epoch``; a fractional
+``val_check_interval`` is a fraction of an epoch. Validation and saving happen when the step is
+a multiple of their interval, at the last step, and when the time limit is hit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from align_core.algorithms._common import AlgorithmStep, ModelBatch, sum_metrics
+from align_core.reference import ReferencePolicy
+from align_core.schedule import ForwardFn, broadcast_from_last_stage, forward_backward
+from align_core.trainer.config import TrainerConfig
+from align_core.trainer.metrics import MetricsSink, Split, peak_memory_bytes
+from align_core.trainer.signals import StopRequest
+
+__all__ = [
+    "BatchSource",
+    "NonFiniteError",
+    "ParallelGroups",
+    "StepPlan",
+    "Trainer",
+    "TrainerState",
+    "plan_steps",
+]
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient with ``trainer.nonfinite="stop"``.
+
+    Attributes:
+        step: The 1-based optimizer step whose loss or gradient was not finite.
+    """
+
+    def __init__(self, step: int, loss: float, grad_norm: float) -> None:
+        self.step = step
+        super().__init__(
+            f"non-finite training step {step}: loss={loss}, grad_norm={grad_norm}; the update was "
+            "not applied. Lower the learning rate, check the data of this step, or set "
+            "trainer.nonfinite=skip to skip such steps"
+        )
+
+
+class BatchSource(Protocol):
+    """The data side of the loop (this data-parallel rank's share of each global batch).
+
+    Attributes:
+        train_samples: Training examples per epoch.
+        global_batch_size: Examples per optimizer step (all data-parallel ranks).
+        num_val_batches: Validation global batches available.
+    """
+
+    train_samples: int
+    global_batch_size: int
+    num_val_batches: int
+
+    def train_micro_batches(self, consumed_samples: int) -> list[ModelBatch]:
+        """Micro-batches of the global batch that follows ``consumed_samples`` examples."""
+        ...
+
+    def val_micro_batches(self, index: int) -> list[ModelBatch]:
+        """Micro-batches of validation global batch ``index``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups the loop reduces over (passed explicitly, never looked up).
+
+    Attributes:
+        data: Data-parallel group (metric sums).
+        pipeline: Pipeline group (metrics travel from its last stage).
+        world: All ranks (stop flags).
+        is_last_stage: Whether this rank holds the last pipeline stage.
+        is_main: Global rank 0 (the one that talks to sinks).
+        device: Device for collective buffers (CPU with gloo).
+    """
+
+    data: dist.ProcessGroup | None
+    pipeline: dist.ProcessGroup | None
+    world: dist.ProcessGroup | None
+    is_last_stage: bool
+    is_main: bool
+    device: torch.device
+
+    @classmethod
+    def from_megatron(cls, device: torch.device) -> ParallelGroups:
+        """The groups of megatron's ``parallel_state`` (initialised by `init_distributed`)."""
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            data=ps.get_data_parallel_group(),
+            pipeline=ps.get_pipeline_model_parallel_group(),
+            world=dist.group.WORLD,
+            is_last_stage=ps.is_pipeline_last_stage(),
+            is_main=dist.get_rank() == 0,
+            device=device if dist.get_backend() == "nccl" else torch.device("cpu"),
+        )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Resolved step accounting.
+
+    Attributes:
+        steps_per_epoch: Optimizer steps per epoch.
+        max_steps: Steps of the whole run.
+        val_check_interval: Validate every N steps (0: never).
+        val_batches: Validation global batches per validation.
+        save_interval: Save every N steps (0: only at the end).
+    """
+
+    steps_per_epoch: int
+    max_steps: int
+    val_check_interval: int
+    val_batches: int
+    save_interval: int
+
+
+def plan_steps(
+    config: TrainerConfig, *, train_samples: int, global_batch_size: int, val_batches: int
+) -> StepPlan:
+    """NeMo-Aligner's step accounting (see the module docstring).
+
+    Raises:
+        ValueError: Fewer training examples than one global batch.
+    """
+    full = train_samples // global_batch_size
+    if full == 0:
+        raise ValueError(
+            f"{train_samples} training examples do not fill one global batch of "
+            f"{global_batch_size} (model.global_batch_size)"
+        )
+    steps_per_epoch = _limit(config.limit_train_batches, full)
+    max_steps = steps_per_epoch * config.max_epochs
+    if config.max_steps >= 0:
+        max_steps = min(max_steps, config.max_steps)
+    n_val = _limit(config.limit_val_batches, val_batches)
+    interval = config.val_check_interval
+    if isinstance(interval, float) and 0 < interval <= 1:
+        interval = max(1, int(interval * steps_per_epoch))
+    interval = int(interval) if n_val > 0 else 0
+    return StepPlan(
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        val_check_interval=interval,
+        val_batches=n_val,
+        save_interval=max(0, int(config.save_interval)),
+    )
+
+
+def _limit(limit: float, available: int) -> int:
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(available * max(limit, 0.0))
+    return min(available, int(limit))
+
+
+@dataclass
+class TrainerState:
+    """The counters a checkpoint carries.
+
+    Attributes:
+        step: Optimizer steps done.
+        consumed_samples: Training examples consumed (the sampler resumes from here).
+        skipped_steps: Steps whose update was skipped (non-finite loss/gradient).
+    """
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+class Trainer:
+    """Runs an `AlgorithmStep` over a `BatchSource` with megatron's optimizer.
+
+    The trainer owns the run's counters and its stop/validate/save decisions; everything else is
+    handed in: the model (DDP-wrapped chunk), the optimizer, the reference policy, the forward,
+    the learning-rate schedule and a ``save`` callback that writes a checkpoint with the extra
+    state it is given and returns its path.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: TrainerConfig,
+        algorithm: AlgorithmStep,
+        model: Any,
+        optimizer: Any,
+        data: BatchSource,
+        forward_fn: ForwardFn,
+        learning_rate: Callable[[int], float],
+        groups: ParallelGroups,
+        reference: ReferencePolicy | None = None,
+        save: Callable[[int, dict[str, Any]], str] | None = None,
+        sinks: Sequence[MetricsSink] = (),
+        stop: StopRequest | None = None,
+    ) -> None:
+        """Wire the pieces (see the class docstring); nothing runs yet."""
+        if algorithm.needs_reference and reference is None:
+            raise ValueError(f"{algorithm.name} needs a reference policy")
+        self.config = config
+        self.algorithm = algorithm
+        self.model = model
+        self.optimizer = optimizer
+        self.data = data
+        self.forward_fn = forward_fn
+        self.learning_rate = learning_rate
+        self.groups = groups
+        self.reference = reference
+        self._save = save
+        self.sinks = list(sinks) if groups.is_main else []
+        self.stop = stop or StopRequest()
+        self.state = TrainerState()
+        self.plan = plan_steps(
+            config,
+            train_samples=data.train_samples,
+            global_batch_size=data.global_batch_size,
+            val_batches=data.num_val_batches,
+        )
+        self.last_train_metrics: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_checkpoint: str | None = None
+        self.stop_reason: str = "completed"
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def epoch(self) -> int:
+        """0-based epoch of the next step."""
+        return self.state.step // self.plan.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and reference identity, for the checkpoint's extra state."""
+        out: dict[str, Any] = {
+            "step": self.state.step,
+            "consumed_samples": self.state.consumed_samples,
+            "skipped_steps": self.state.skipped_steps,
+            "epoch": self.epoch,
+        }
+        if self.reference is not None:
+            out["reference"] = self.reference.state()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counters saved by `state_dict`.
+
+        Raises:
+            ValueError: The checkpoint was trained against a different reference strategy.
+        """
+        saved = (state.get("reference") or {}).get("strategy")
+        if self.reference is not None and saved is not None and saved != self.reference.strategy:
+            raise ValueError(
+                f"the checkpoint was trained with reference strategy {saved!r}, this run "
+                f"resolves to {self.reference.strategy!r}; set model.reference.strategy to match"
+            )
+        self.state = TrainerState(
+            step=int(state["step"]),
+            consumed_samples=int(state["consumed_samples"]),
+            skipped_steps=int(state.get("skipped_steps", 0)),
+        )
+
+    # ----------------------------------------------------------------------------- collectives
+
+    def _reduce(self, outputs: Sequence[Mapping[str, torch.Tensor]], extra: Mapping[str, float]):
+        """Metric sums over micro-batches and data parallel, on every rank of the pipeline."""
+        g = self.groups
+        payload = None
+        if g.is_last_stage:
+            sums = sum_metrics(outputs)
+            keys = sorted(sums) + sorted(extra)
+            vec = torch.tensor(
+                [float(sums[k]) for k in sorted(sums)] + [float(extra[k]) for k in sorted(extra)],
+                dtype=torch.float64,
+                device=g.device,
+            )
+            if g.data is not None and g.data.size() > 1:
+                dist.all_reduce(vec, group=g.data)
+            payload = {k: vec[i] for i, k in enumerate(keys)}
+        received = broadcast_from_last_stage(payload, group=g.pipeline, device=g.device)
+        return {k: float(v) for k, v in received.items()}
+
+    def _stop_flags(self) -> tuple[bool, bool]:
+        flags = torch.tensor(
+            [float(self.stop.signalled), float(self.stop.time_up)], device=self.groups.device
+        )
+        if self.groups.world is not None and dist.get_world_size(self.groups.world) > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world)
+        return bool(flags[0]), bool(flags[1])
+
+    # ----------------------------------------------------------------------------- steps
+
+    def _attach_reference(self, micro_batches: list[ModelBatch], split: str) -> None:
+        if not self.algorithm.needs_reference:
+            return
+        assert self.reference is not None
+        for mb, ref in zip(
+            micro_batches, self.reference.logps(micro_batches, split=split), strict=True
+        ):
+            mb["ref_logps"] = ref
+
+    def _tokens(self, micro_batches: Sequence[ModelBatch]) -> float:
+        return float(sum(int(mb["lengths"].sum()) for mb in micro_batches))
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its metrics (on every rank).
+
+        Raises:
+            NonFiniteError: NaN/inf loss or gradient with ``nonfinite="stop"``.
+        """
+        start = time.perf_counter()
+        step_number = self.state.step + 1
+        micro_batches = self.data.train_micro_batches(self.state.consumed_samples)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._attach_reference(micro_batches, "train")
+        normalizer = self.algorithm.normalizer(micro_batches, self.data.global_batch_size)
+        outputs = forward_backward(
+            self.model, micro_batches, self.forward_fn, self.algorithm.loss_fn(normalizer)
+        )
+        sums = self._reduce(outputs, {"tokens_processed": self._tokens(micro_batches)})
+        lr = self.learning_rate(self.state.step)
+        from align_core.optim import set_learning_rate
+
+        set_learning_rate(self.optimizer, lr)
+        grad_norm = self._optimizer_step(step_number, sums)
+        self.state.step = step_number
+        self.state.consumed_samples += self.data.global_batch_size
+        step_time = time.perf_counter() - start
+        metrics = self.algorithm.finalize_metrics(sums)
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=lr,
+            consumed_samples=float(self.state.consumed_samples),
+            epoch=float((step_number - 1) // self.plan.steps_per_epoch + 1),
+            step_time=step_time,
+            tokens_per_s=sums["tokens_processed"] / max(step_time, 1e-9),
+            peak_memory=float(peak_memory_bytes(self.groups.device)),
+            skipped_steps=float(self.state.skipped_steps),
+        )
+        return metrics
+
+    def _optimizer_step(self, step_number: int, sums: Mapping[str, float]) -> float:
+        """Check finiteness, clip, update. Returns the pre-clip gradient norm (nan if none)."""
+        opt = self.optimizer
+        found_inf = bool(opt.prepare_grads())
+        grad_norm = math.nan if found_inf else float(opt.get_grad_norm())
+        loss = sums.get("loss", math.nan)
+        if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if self.config.nonfinite == "stop" and not found_inf:
+                raise NonFiniteError(step_number, loss, grad_norm)
+            self.state.skipped_steps += 1
+            return grad_norm
+        if self.config.gradient_clip_val > 0:
+            from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+            for inner in getattr(opt, "chained_optimizers", [opt]):
+                params = inner.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(
+                        params, max_norm=self.config.gradient_clip_val, total_norm=grad_norm
+                    )
+        opt.step_with_ready_grads()
+        return grad_norm
+
+    def validate(self) -> dict[str, float]:
+        """Forward-only pass over the validation batches; mean metrics over all of them."""
+        outputs: list[Mapping[str, torch.Tensor]] = []
+        training = self.model.training
+        self.model.eval()
+        try:
+            for index in range(self.plan.val_batches):
+                micro_batches = self.data.val_micro_batches(index)
+                self._attach_reference(micro_batches, "val")
+                normalizer = self.algorithm.normalizer(micro_batches, self.data.global_batch_size)
+                outputs.extend(
+                    forward_backward(
+                        self.model,
+                        micro_batches,
+                        self.forward_fn,
+                        self.algorithm.loss_fn(normalizer),
+                        forward_only=True,
+                    )
+                )
+        finally:
+            self.model.train(training)
+        sums = self._reduce(outputs, {})
+        return self.algorithm.finalize_metrics(sums)
+
+    # ----------------------------------------------------------------------------- loop
+
+    def _emit(self, split: Split, metrics: Mapping[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log(split, self.state.step, metrics)
+
+    def save(self) -> str | None:
+        """Write a checkpoint now (through the ``save`` callback) and remember its path."""
+        if self._save is None:
+            return None
+        self.last_checkpoint = self._save(self.state.step, self.state_dict())
+        return self.last_checkpoint
+
+    def fit(self) -> str:
+        """Train until done; returns the stop reason (``completed``, ``max_time``, ``sigterm``).
+
+        Raises:
+            NonFiniteError: See `train_step`.
+        """
+        plan = self.plan
+        self.stop.install()
+        try:
+            while self.state.step < plan.max_steps:
+                signalled, time_up = self._stop_flags()
+                if signalled or time_up:
+                    self.stop_reason = "sigterm" if signalled else "max_time"
+                    if time_up and plan.val_check_interval:
+                        self._validate_and_emit()
+                    self.save()
+                    return self.stop_reason
+                metrics = self.train_step()
+                self.last_train_metrics = metrics
+                if self.state.step % max(1, self.config.log_every_n_steps) == 0:
+                    self._emit("train", metrics)
+                last = self.state.step >= plan.max_steps
+                interval = plan.val_check_interval
+                if interval and (self.state.step % interval == 0 or last):
+                    self._validate_and_emit()
+                if plan.save_interval and self.state.step % plan.save_interval == 0 and not last:
+                    self.save()
+            self.stop_reason = "completed"
+            self.save()
+            return self.stop_reason
+        finally:
+            self.stop.restore()
+
+    def _validate_and_emit(self) -> None:
+        self.last_val_metrics = self.validate()
+        self._emit("val", self.last_val_metrics)
