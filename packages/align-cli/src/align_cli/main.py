@@ -219,3 +219,161 @@ def plot(
         return 0
 
     _exit(report_errors(work))
+
+
+def _console() -> object:
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+_Files = Annotated[list[str], typer.Argument(help="JSONL or Parquet files.")]
+_Kind = Annotated[
+    str | None,
+    typer.Option("--kind", help="preference, unpaired or sft (default: from the format)."),
+]
+_Format = Annotated[
+    str | None, typer.Option("--format", help="Record format (default: detected per file).")
+]
+_Lenient = Annotated[
+    bool, typer.Option("--lenient", help="Skip and count bad records instead of stopping.")
+]
+_Report = Annotated[
+    str | None, typer.Option("--report", help="Write skipped records and reasons to this JSONL.")
+]
+_Tokenizer = Annotated[
+    str,
+    typer.Option(
+        "--tokenizer", help="'byte', a .nemo, a tokenizer.json or a sentencepiece .model."
+    ),
+]
+_MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sequence in tokens.")]
+
+
+@data_app.command("validate")
+def data_validate(
+    files: _Files,
+    kind: _Kind = None,
+    fmt: _Format = None,
+    lenient: _Lenient = False,
+    report: _Report = None,
+) -> None:
+    """Check every record; the first bad one is reported as file:line: field: reason."""
+    from align_cli.commands.data import validate
+
+    _exit(
+        report_errors(
+            lambda: validate(
+                files,
+                kind=kind,
+                fmt=fmt,
+                lenient=lenient,
+                report=report,
+                console=_console(),  # type: ignore[arg-type]
+            )
+        )
+    )
+
+
+@data_app.command("preprocess")
+def data_preprocess(
+    files: _Files,
+    out: Annotated[str, typer.Option("--out", help="Dataset cache directory.")],
+    tokenizer: _Tokenizer = "byte",
+    kind: _Kind = None,
+    fmt: _Format = None,
+    lenient: _Lenient = False,
+    max_length: _MaxLength = None,
+    overlong: Annotated[
+        str | None, typer.Option("--overlong", help="truncate or drop over-long examples.")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes.")] = 1,
+    report: _Report = None,
+) -> None:
+    """Tokenize into memory-mapped shards (fingerprinted: an unchanged rerun reuses them)."""
+    from align_cli.commands.data import preprocess_files
+
+    _exit(
+        report_errors(
+            lambda: preprocess_files(
+                files,
+                out=out,
+                tokenizer=tokenizer,
+                kind=kind,
+                fmt=fmt,
+                lenient=lenient,
+                max_length=max_length,
+                overlong=overlong,
+                workers=workers,
+                report=report,
+                console=_console(),  # type: ignore[arg-type]
+            )
+        )
+    )
+
+
+@data_app.command("stats")
+def data_stats(
+    files: Annotated[
+        list[str], typer.Argument(help="Data files, or a directory from `align data preprocess`.")
+    ],
+    tokenizer: _Tokenizer = "byte",
+    kind: _Kind = None,
+    fmt: _Format = None,
+    max_length: _MaxLength = None,
+    lenient: _Lenient = False,
+) -> None:
+    """Records, tokens, length histogram, truncated and dropped counts."""
+    from align_cli.commands.data import stats
+
+    _exit(
+        report_errors(
+            lambda: stats(
+                files,
+                tokenizer=tokenizer,
+                kind=kind,
+                fmt=fmt,
+                max_length=max_length,
+                lenient=lenient,
+                console=_console(),  # type: ignore[arg-type]
+            )
+        )
+    )
+
+
+@ckpt_app.command("inspect")
+def ckpt_inspect(
+    path: Annotated[str, typer.Argument(help="A .nemo, a run directory or a step_* checkpoint.")],
+) -> None:
+    """Describe a checkpoint: architecture, parameters, weights layout, tokenizer."""
+    from align_cli.commands.ckpt import inspect
+
+    _exit(report_errors(lambda: inspect(path, _console())))  # type: ignore[arg-type]
+
+
+@app.command("init-model")
+def init_model(
+    out: Annotated[str, typer.Argument(help="Destination .nemo file.")],
+    num_layers: Annotated[int | None, typer.Option("--num-layers")] = None,
+    hidden_size: Annotated[int | None, typer.Option("--hidden-size")] = None,
+    ffn_hidden_size: Annotated[int | None, typer.Option("--ffn-hidden-size")] = None,
+    num_attention_heads: Annotated[int | None, typer.Option("--num-attention-heads")] = None,
+    num_query_groups: Annotated[int | None, typer.Option("--num-query-groups")] = None,
+    vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="At least 257.")] = None,
+    seq_length: Annotated[int | None, typer.Option("--seq-length")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights.")] = 0,
+) -> None:
+    """Write a small random-initialised .nemo with a byte-level BPE tokenizer."""
+    from align_cli.commands.ckpt import init_model as write
+
+    given = {
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "ffn_hidden_size": ffn_hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "num_query_groups": num_query_groups,
+        "vocab_size": vocab_size,
+        "seq_length": seq_length,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    _exit(report_errors(lambda: write(out, changes, seed, _console())))  # type: ignore[arg-type]

@@ -16,10 +16,11 @@ def read_model_config(path: str) -> Any:
     Raises:
         ConfigError: The file cannot be read as a NeMo GPT checkpoint.
     """
-    from align_core.nemo import read_model_config as read
+    from align_core.nemo import open_nemo
 
     try:
-        return read(path)
+        with open_nemo(path) as checkpoint:
+            return checkpoint.model_config
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"pretrained_checkpoint.restore_from_path: {exc}",

@@ -33,6 +33,7 @@ from align_cli.config.structured import FieldSpec, build, extract, flat_fields, 
 from align_cli.errors import ConfigError
 from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
 from align_core.config import ModelConfig, ParallelConfig
+from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer import DataConfig, ReferenceConfig, RunConfig, TrainerConfig
 
 __all__ = [
@@ -159,6 +160,40 @@ DataSection = typed_section(
 )
 
 
+SCHEDULER_NAMES = {
+    "CosineAnnealing": "cosine",
+    "cosine": "cosine",
+    "WarmupAnnealing": "linear",
+    "LinearAnnealing": "linear",
+    "linear": "linear",
+    "Constant": "constant",
+    "ConstantLR": "constant",
+    "WarmupHoldPolicy": "constant",
+    "constant": "constant",
+}
+"""NeMo scheduler names (``model.optim.sched.name``) -> `SchedulerConfig.style`."""
+
+SchedSection = typed_section(
+    "SchedSection",
+    "``model.optim.sched``: the learning-rate schedule (align-core's SchedulerConfig).",
+    [
+        FieldSpec(
+            "name",
+            str | None,
+            None,
+            doc="NeMo scheduler name (CosineAnnealing, WarmupAnnealing, Constant); sets style",
+        ),
+        *flat_fields(SchedulerConfig),
+    ],
+)
+
+OptimSection = typed_section(
+    "OptimSection",
+    "``model.optim``: Adam(W) settings (align-core's OptimizerConfig) and the schedule.",
+    [*flat_fields(OptimizerConfig), FieldSpec("sched", SchedSection, factory=SchedSection)],
+)
+
+
 @cache
 def tree_class(algorithm: TreeAlgorithm) -> type:
     """The typed configuration tree of ``algorithm`` (``dpo`` also serves IPO and RPO)."""
@@ -189,6 +224,7 @@ def tree_class(algorithm: TreeAlgorithm) -> type:
             _spec(RunConfig, "seed"),
             *flat_fields(ParallelConfig),
             *flat_fields(ModelConfig, optional=True, rename=MODEL_RENAMES),
+            FieldSpec("optim", OptimSection, factory=OptimSection),
             FieldSpec(algorithm, ALGORITHMS[algorithm], factory=ALGORITHMS[algorithm]),
             FieldSpec("data", DataSection, factory=DataSection),
             FieldSpec("reference", ReferenceConfig, factory=ReferenceConfig),
@@ -297,7 +333,7 @@ def to_run_config(
     changes = model_overrides(tree)
     restore = tree.pretrained_checkpoint.restore_from_path
     if restore is None:
-        model = _model_config(changes)
+        model = _model_config(changes) if changes else None  # None: the trainer's tiny default
     elif changes:
         if base_model is None:
             raise ConfigError(
@@ -325,6 +361,8 @@ def to_run_config(
     except ValueError as exc:
         raise ConfigError(str(exc), key="model.data") from exc
     parallel = extract(ParallelConfig, tree.model, "model")
+    optim = extract(OptimizerConfig, tree.model.optim, "model.optim")
+    sched = _scheduler(tree.model.optim.sched)
     kwargs: dict[str, Any] = {algorithm: getattr(tree.model, algorithm)}
     return RunConfig(
         algorithm=algorithm,
@@ -334,12 +372,29 @@ def to_run_config(
         trainer=getattr(tree.trainer, algorithm),
         reference=tree.model.reference,
         data=data,
+        optim=optim,
+        sched=sched,
         restore_from_path=tree.pretrained_checkpoint.restore_from_path,
         resume=tree.exp_manager.resume_if_exists,
         export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
         seed=tree.model.seed,
         **kwargs,
     )
+
+
+def _scheduler(section: Any) -> SchedulerConfig:
+    key = "model.optim.sched"
+    if section.name is not None:
+        if section.name not in SCHEDULER_NAMES:
+            names = ", ".join(SCHEDULER_NAMES)
+            raise ConfigError(f"{key}.name: {section.name!r} is not one of {names}", key=key)
+        style = SCHEDULER_NAMES[section.name]
+        if section.style != default_of(SchedulerConfig, "style") and section.style != style:
+            raise ConfigError(
+                f"{key}.name={section.name} contradicts {key}.style={section.style}", key=key
+            )
+        section.style = style
+    return extract(SchedulerConfig, section, key)
 
 
 def _model_config(changes: dict[str, Any]) -> ModelConfig:

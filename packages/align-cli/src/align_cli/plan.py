@@ -1,0 +1,395 @@
+"""``align run ... --dry-run``: check configuration and data, print the plan, train nothing.
+
+The plan: the parallel layout (TP × PP × DP, accumulation), the data (examples, tokens, the
+truncation/drop counts; every record is validated and tokenized exactly as training would, so a
+malformed record fails here with ``file:line: field: message``), the step accounting (align-core's
+`plan_steps`, the trainer's own rule), and an estimate of memory per rank.
+
+The memory estimate counts parameters analytically from the architecture (megatron's GPT layout)
+and uses the usual rules of thumb: weights in the model dtype, fp32 gradients, Adam's two fp32
+moments (plus an fp32 master copy for bf16/fp16), the reference policy by strategy, and
+activations per micro-batch after Korthikanti et al. (2022), ``s·b·h·(34 + 5·a·s/h)`` bytes per
+layer at 16 bits (doubled for fp32), divided by TP. It is an estimate to catch gross misfits,
+not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from align_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from align_cli.commands.run import Prepared
+
+__all__ = ["DataPlan", "MemoryEstimate", "count_parameters", "dry_run", "estimate_memory"]
+
+_KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def count_parameters(model: Any, tensor_parallel_size: int = 1) -> int:
+    """Parameters of a megatron-core GPT with this `ModelConfig` (vocabulary padded as megatron).
+
+    Embedding (plus learned positions), per layer: two norms, QKV, output projection, MLP
+    (gated MLPs have a doubled first projection), the final norm and an untied output layer.
+    """
+    from align_core.config import padded_vocab_size
+
+    h = model.hidden_size
+    kv_channels = model.kv_channels or h // model.num_attention_heads
+    groups = model.num_query_groups or model.num_attention_heads
+    q_dim = model.num_attention_heads * kv_channels
+    kv_dim = groups * kv_channels
+    norm = h * (2 if model.normalization == "LayerNorm" else 1)
+    bias = 1 if model.bias else 0
+    fc1_out = model.ffn_hidden_size * (2 if model.gated else 1)
+    layer = (
+        2 * norm
+        + h * (q_dim + 2 * kv_dim)
+        + bias * (q_dim + 2 * kv_dim)
+        + q_dim * h
+        + bias * h
+        + h * fc1_out
+        + bias * fc1_out
+        + model.ffn_hidden_size * h
+        + bias * h
+    )
+    vocab = padded_vocab_size(
+        model.vocab_size, model.make_vocab_size_divisible_by, tensor_parallel_size
+    )
+    total = vocab * h + model.num_layers * layer + norm
+    if model.position_embedding_type == "learned_absolute":
+        total += model.seq_length * h
+    if not model.share_embeddings_and_output_weights:
+        total += vocab * h
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank, by what holds them.
+
+    Attributes:
+        parameters: Parameters held by one rank (split over TP and PP).
+        weights: Model weights in the model dtype.
+        gradients: fp32 gradient buffer.
+        optimizer: Adam moments (and fp32 master weights for 16-bit models).
+        reference: Device memory of the reference policy (``model`` strategy only).
+        reference_host: Host memory of the reference policy (``swap``: pinned CPU copy).
+        activations: Activations of one micro-batch kept for the backward.
+    """
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    reference: int
+    reference_host: int
+    activations: int
+
+    @property
+    def device_total(self) -> int:
+        """Everything on the compute device."""
+        return self.weights + self.gradients + self.optimizer + self.reference + self.activations
+
+
+def estimate_memory(
+    model: Any,
+    *,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    micro_batch_size: int,
+    seq_length: int,
+    sequences_per_example: int,
+    reference_strategy: str,
+) -> MemoryEstimate:
+    """Rule-of-thumb memory per rank (see the module docstring)."""
+    params = count_parameters(model, tensor_parallel_size)
+    per_rank = -(-params // (tensor_parallel_size * pipeline_parallel_size))
+    width = _BYTES[model.dtype]
+    weights = per_rank * width
+    gradients = per_rank * 4
+    optimizer = per_rank * (8 + (4 if width < 4 else 0))
+    reference = weights if reference_strategy == "model" else 0
+    reference_host = weights if reference_strategy == "swap" else 0
+    s = seq_length
+    b = micro_batch_size * sequences_per_example
+    h, a = model.hidden_size, model.num_attention_heads
+    layers_per_stage = -(-model.num_layers // pipeline_parallel_size)
+    per_layer_16bit = s * b * h * (34 + 5 * a * s / h)
+    activations = int(per_layer_16bit * layers_per_stage * width / 2 / tensor_parallel_size)
+    return MemoryEstimate(
+        parameters=per_rank,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        reference=reference,
+        reference_host=reference_host,
+        activations=activations,
+    )
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the data holds after validation and tokenization.
+
+    Attributes:
+        train_examples: Training examples (pairs for DPO).
+        val_examples: Held-out examples.
+        train_sequences: Training sequences (two per DPO pair).
+        train_tokens: Training tokens (over all sequences).
+        max_length: The sequence-length limit applied.
+        summary: align-data's preprocessing summary of the training files.
+        sources: Human-readable description of where the data comes from.
+    """
+
+    train_examples: int
+    val_examples: int
+    train_sequences: int
+    train_tokens: int
+    max_length: int
+    summary: Any
+    sources: str
+
+
+def _tokenizer_for(run: Any) -> Any:
+    if run.restore_from_path is None:
+        from align_data import ByteTokenizer
+
+        return ByteTokenizer()
+    from align_cli.commands.data import load_tokenizer
+
+    return load_tokenizer(run.restore_from_path)
+
+
+def _seq_length(run: Any) -> int:
+    if run.data.seq_length is not None:
+        return run.data.seq_length
+    if run.model is not None:
+        return run.model.seq_length
+    if run.restore_from_path is None:
+        from align_core.config import ModelConfig
+
+        return ModelConfig().seq_length
+    from align_cli.config.restore import read_model_config
+
+    return read_model_config(run.restore_from_path).seq_length
+
+
+def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_length: int) -> Any:
+    from align_data import PreprocessConfig, TokenizeConfig, preprocess
+
+    config = PreprocessConfig(
+        kind=_KIND[run.algorithm],  # type: ignore[arg-type]
+        format=run.data.format,  # type: ignore[arg-type]
+        strict=run.data.strict,
+        tokenize=TokenizeConfig(max_length=max_length, overlong=run.data.over_long),
+        progress=False,
+    )
+    return preprocess(files, tokenizer, tmp, config).summary
+
+
+def plan_data(run: Any) -> DataPlan:
+    """Validate and tokenize the run's data (or the synthetic task) into a temporary directory.
+
+    Raises:
+        align_data.DataError: The first malformed record (strict mode), as ``file:line: ...``.
+    """
+    tokenizer = _tokenizer_for(run)
+    max_length = _seq_length(run)
+    with tempfile.TemporaryDirectory(prefix="align-dry-run-") as tmp:
+        root = Path(tmp)
+        if run.data.train_files:
+            train_files = list(run.data.train_files)
+            val_files = list(run.data.validation_files)
+            sources = ", ".join(train_files)
+        else:
+            from align_data import write_synthetic_dataset
+
+            synthetic = run.data.synthetic
+            files = write_synthetic_dataset(
+                root / "synthetic",
+                seed=synthetic.seed,
+                num_train=synthetic.num_train,
+                num_eval=synthetic.num_validation,
+            )
+            kind = _KIND[run.algorithm]
+            prefix = {"preference": "preference", "unpaired": "unpaired", "sft": "sft"}[kind]
+            train_files = [str(getattr(files, f"{prefix}_train"))]
+            val_files = [str(getattr(files, f"{prefix}_eval"))]
+            sources = (
+                f"synthetic task (seed {synthetic.seed}, {synthetic.num_train} train / "
+                f"{synthetic.num_validation} held-out prompts)"
+            )
+        for path in train_files + val_files:
+            if not Path(path).is_file():
+                raise UsageError(f"model.data.data_prefix: {path}: no such file")
+        train = _preprocess(train_files, run, tokenizer, root / "train", max_length)
+        val_examples = 0
+        if val_files:
+            val_examples = _preprocess(val_files, run, tokenizer, root / "val", max_length).examples
+    return DataPlan(
+        train_examples=train.examples,
+        val_examples=val_examples,
+        train_sequences=train.sequences,
+        train_tokens=train.tokens,
+        max_length=max_length,
+        summary=train,
+        sources=sources,
+    )
+
+
+def _resolved_reference(run: Any) -> str:
+    if run.algorithm == "sft":
+        return "none"
+    strategy = run.reference.strategy
+    if strategy != "auto":
+        return strategy
+    return "adapters" if run.peft is not None else "precompute"
+
+
+def _mib(value: int) -> str:
+    mib = value / 2**20
+    return f"{mib / 1024:,.2f} GiB" if mib >= 1024 else f"{mib:,.1f} MiB"
+
+
+def dry_run(prepared: Prepared, console: Console) -> int:
+    """Print the plan of a prepared run; return 0 when everything checks out."""
+    from align_core.trainer.loop import plan_steps
+
+    run = prepared.run
+    launch = prepared.launch
+    parallel = run.parallel
+    model_parallel = (
+        parallel.tensor_model_parallel_size
+        * parallel.pipeline_model_parallel_size
+        * parallel.context_parallel_size
+    )
+    if launch.world_size % model_parallel:
+        raise UsageError(
+            f"{launch.world_size} processes cannot hold TP × PP × CP = {model_parallel} "
+            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
+        )
+    dp = launch.world_size // model_parallel
+    per_step = run.data.micro_batch_size * dp
+    if run.data.global_batch_size % per_step:
+        raise UsageError(
+            f"model.global_batch_size {run.data.global_batch_size} is not a multiple of "
+            f"model.micro_batch_size × data-parallel size = {run.data.micro_batch_size} × {dp}"
+        )
+    accumulation = run.data.global_batch_size // per_step
+    data = plan_data(run)
+    val_batches = data.val_examples // run.data.global_batch_size
+    try:
+        steps = plan_steps(
+            run.trainer,
+            train_samples=data.train_examples,
+            global_batch_size=run.data.global_batch_size,
+            val_batches=val_batches,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    model = run.model
+    if model is None and run.restore_from_path is not None:
+        from align_cli.config.restore import read_model_config
+
+        model = read_model_config(run.restore_from_path)
+    elif model is None:
+        from align_core.config import ModelConfig
+
+        model = ModelConfig()
+    reference = _resolved_reference(run)
+    sequences = {"dpo": 2, "kto": 2, "sft": 1}[run.algorithm]
+    memory = estimate_memory(
+        model,
+        tensor_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_parallel_size=parallel.pipeline_model_parallel_size,
+        micro_batch_size=run.data.micro_batch_size,
+        seq_length=data.max_length,
+        sequences_per_example=sequences,
+        reference_strategy=reference,
+    )
+    tokens_per_example = data.train_tokens / max(1, data.train_examples)
+    tokens_per_step = tokens_per_example * run.data.global_batch_size
+
+    table = Table(title=f"plan: {run.algorithm} ({prepared.run_dir})", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    rows = [
+        ("processes", f"{launch.world_size} ({launch.nnodes} node(s) × {launch.nproc_per_node})"),
+        (
+            "layout",
+            f"TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
+            f" CP={parallel.context_parallel_size} DP={dp}",
+        ),
+        (
+            "batch",
+            f"global {run.data.global_batch_size} = micro {run.data.micro_batch_size} × "
+            f"accumulation {accumulation} × DP {dp}",
+        ),
+        ("data", data.sources),
+        (
+            "examples",
+            f"{data.train_examples:,} train, {data.val_examples:,} held-out "
+            f"(truncated {data.summary.truncated:,}, dropped "
+            f"{data.summary.dropped_overlong + data.summary.dropped_empty_response:,}, "
+            f"invalid {data.summary.skipped_invalid:,})",
+        ),
+        ("sequence length", f"≤ {data.max_length} tokens, mean {tokens_per_example:,.1f}/example"),
+        (
+            "steps",
+            f"{steps.max_steps:,} ({steps.steps_per_epoch:,} per epoch × "
+            f"{run.trainer.max_epochs} epoch(s), trainer max_steps {run.trainer.max_steps})",
+        ),
+        (
+            "tokens",
+            f"≈ {tokens_per_step:,.0f} per step, ≈ {tokens_per_step * steps.max_steps:,.0f} total",
+        ),
+        (
+            "validation",
+            f"every {steps.val_check_interval} steps, {steps.val_batches} batches"
+            if steps.val_check_interval
+            else "off",
+        ),
+        ("checkpoints", f"every {steps.save_interval} steps" if steps.save_interval else "at end"),
+        ("reference", f"{run.reference.strategy} -> {reference}"),
+        ("model", _model_line(model, run)),
+        ("parameters", f"{count_parameters(model, parallel.tensor_model_parallel_size):,}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    mem = Table(title="memory per rank (estimate)")
+    mem.add_column("")
+    mem.add_column("bytes", justify="right")
+    for name, value in (
+        ("weights", memory.weights),
+        ("gradients (fp32)", memory.gradients),
+        ("optimizer (Adam)", memory.optimizer),
+        ("reference (device)", memory.reference),
+        ("activations (1 micro-batch, full length)", memory.activations),
+        ("total on device", memory.device_total),
+        ("reference (host, pinned)", memory.reference_host),
+    ):
+        mem.add_row(name, _mib(value))
+    console.print(mem)
+    console.print("dry run: configuration and data are valid; nothing was trained", highlight=False)
+    return 0
+
+
+def _model_line(model: Any, run: Any) -> str:
+    source = run.restore_from_path or "fresh (random init)"
+    fields = dataclasses.asdict(model)
+    return (
+        f"{source}: {fields['num_layers']} layers, hidden {fields['hidden_size']}, "
+        f"{fields['num_attention_heads']} heads, vocab {fields['vocab_size']}, "
+        f"{fields['dtype']}"
+    )
