@@ -1,3 +1,71 @@
-"""Knowledge distillation from teacher top-k logits on megatron-core."""
+"""Knowledge distillation from teacher top-k logits on megatron-core.
 
-__all__: list[str] = []
+Offline: `run_teacher_pass` writes the teacher's top-k per input position into align-data
+teacher stores (resumable, any TP/PP/DP layout); `TeacherExamples` pairs them with the student's
+tokenized examples and `KDStep` trains the student with `align_losses.topk_kd_loss` (plus an
+optional SFT term) under align-core's trainer loop. Online: `OnlineTeacher` computes the same
+top-k on the fly from a frozen teacher in the same job. `import_nemo_kd_jsonl` reuses
+NeMo-Aligner's teacher outputs.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from align_kd.config import KDLoss, KnowledgeDistillationConfig, TeacherPassConfig
+from align_kd.data import TeacherExamples, import_nemo_kd_jsonl, nemo_kd_examples
+from align_kd.forward import logits_forward, tensor_group_of, vocab_start_of
+from align_kd.online import OnlineTeacher, OnlineTeacherData, freeze
+from align_kd.step import (
+    TEACHER_KEYS,
+    KDExample,
+    KDStep,
+    check_vocabularies,
+    kd_loss_and_metrics,
+    kd_model_batch,
+)
+from align_kd.teacher import (
+    TeacherGroups,
+    TeacherPassResult,
+    examples_fingerprint,
+    open_teacher_store,
+    run_teacher_pass,
+    teacher_topk_outputs,
+    teacher_vocab_size,
+)
+from align_kd.topk import TopK, vocab_parallel_argmax, vocab_parallel_topk
+
+try:
+    __version__ = version("align-kd")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "TEACHER_KEYS",
+    "KDExample",
+    "KDLoss",
+    "KDStep",
+    "KnowledgeDistillationConfig",
+    "OnlineTeacher",
+    "OnlineTeacherData",
+    "TeacherExamples",
+    "TeacherGroups",
+    "TeacherPassConfig",
+    "TeacherPassResult",
+    "TopK",
+    "__version__",
+    "check_vocabularies",
+    "examples_fingerprint",
+    "freeze",
+    "import_nemo_kd_jsonl",
+    "kd_loss_and_metrics",
+    "kd_model_batch",
+    "logits_forward",
+    "nemo_kd_examples",
+    "open_teacher_store",
+    "run_teacher_pass",
+    "teacher_topk_outputs",
+    "teacher_vocab_size",
+    "tensor_group_of",
+    "vocab_parallel_argmax",
+    "vocab_parallel_topk",
+    "vocab_start_of",
+]
