@@ -63,13 +63,21 @@ def _open(path: Path) -> tarfile.TarFile:
 
 
 def _members(path: Path, tar: tarfile.TarFile, compressed: bool) -> list[tarfile.TarInfo]:
+    file_size = None if compressed else path.stat().st_size
+    members: list[tarfile.TarInfo] = []
     try:
-        members = tar.getmembers()
+        while (member := tar.next()) is not None:
+            members.append(member)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        if members:
+            _check_member(path, members[-1], file_size)  # names the member cut short, if any
+            raise NemoFormatError(
+                f"{path}: truncated or corrupt tar archive after member {members[-1].name!r} "
+                f"({exc})"
+            ) from exc
         raise NemoFormatError(f"{path}: truncated or corrupt tar archive ({exc})") from exc
     if not members:
         raise NemoFormatError(f"{path}: empty archive")
-    file_size = None if compressed else path.stat().st_size
     for member in members:
         _check_member(path, member, file_size)
     return members

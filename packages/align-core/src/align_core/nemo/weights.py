@@ -47,6 +47,7 @@ __all__ = [
     "read_checkpoint_file",
     "read_full_state_dict",
     "shard_for_model",
+    "stored_tensors",
     "strip_prefix",
 ]
 
@@ -213,12 +214,9 @@ def read_full_state_dict(
 def embedding_rows(layout: WeightsLayout, *, origin: str = "<nemo>") -> int | None:
     """Rows of the (padded) word embedding across all tensor ranks, None if not found."""
     if layout.kind == "distributed":
-        from megatron.core import dist_checkpointing
-
-        metadata = dist_checkpointing.load_tensors_metadata(str(layout.files[0][0]))
-        for key, tensor in metadata.items():
-            if key.endswith(_EMBEDDING):
-                return int(tensor.global_shape[0])
+        for key, shape in stored_tensors(layout.files[0][0], origin=origin).items():
+            if key.endswith(_EMBEDDING) and shape:
+                return int(shape[0])
         return None
     rows = 0
     for path in layout.files[0]:
@@ -325,36 +323,58 @@ def shard_for_model(
     return state, missing, unexpected
 
 
+def stored_tensors(directory: Path, *, origin: str = "<nemo>") -> dict[str, tuple[int, ...]]:
+    """Keys and global shapes in a ``torch_dist`` checkpoint (objects get an empty shape).
+
+    Reads the checkpoint's ``.metadata`` with ``torch.distributed.checkpoint`` directly
+    (megatron-core 0.16.1's ``load_tensors_metadata`` fails with torch >= 2.10 metadata).
+    Sharded objects are stored as ``<key>/shard_...``; they are listed under ``<key>``.
+
+    Raises:
+        NemoFormatError: When the metadata cannot be read.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as exc:
+        raise NemoFormatError(f"{origin}: cannot read {DIST_DIR}/.metadata ({exc})") from exc
+    out: dict[str, tuple[int, ...]] = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        size = getattr(entry, "size", None)
+        out[key.split("/", 1)[0]] = tuple(size) if size is not None else ()
+    return out
+
+
 def load_distributed_into(
     model: torch.nn.Module, directory: Path, *, origin: str = "<nemo>"
 ) -> tuple[list[str], list[str]]:
     """Load a megatron distributed checkpoint into ``model`` at its current TP/PP layout.
 
     The checkpoint's key prefix (``model.`` for NeMo, none for plain megatron) is detected from
-    its metadata. ``_extra_state`` entries missing from the checkpoint are skipped. Collective:
-    every rank calls it.
+    its metadata. Entries the checkpoint lacks are not requested (and reported as missing unless
+    they are ``_extra_state``). Collective: every rank calls it.
 
     Returns:
-        ``(missing, unexpected)`` from ``model.load_state_dict`` (``_extra_state`` excluded).
+        ``(missing, unexpected)`` model keys (``_extra_state`` excluded).
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    try:
-        metadata = dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as exc:
-        raise NemoFormatError(f"{origin}: cannot read {DIST_DIR}/ metadata ({exc})") from exc
-    prefix = NEMO_PREFIX if any(k.startswith(NEMO_PREFIX) for k in metadata) else ""
+    stored = stored_tensors(directory, origin=origin)
+    prefix = NEMO_PREFIX if any(k.startswith(NEMO_PREFIX) for k in stored) else ""
     sharded = model.sharded_state_dict(prefix=prefix)
+    request = {}
+    absent = []
+    for name, entry in sharded.items():
+        if getattr(entry, "key", None) in stored:
+            request[name] = entry
+        else:
+            absent.append(name[len(prefix) :])
     try:
-        loaded, _, unexpected = dist_checkpointing.load(
-            sharded, str(directory), strict=StrictHandling.RETURN_ALL
-        )
+        loaded = dist_checkpointing.load(request, str(directory))
     except Exception as exc:
         raise NemoFormatError(f"{origin}: cannot load {DIST_DIR}/ ({exc})") from exc
-    not_found = sorted(k for k in unexpected if not is_extra_state(k))
     state = {k[len(prefix) :]: v for k, v in loaded.items()}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not is_extra_state(k)]
-    missing += [k[len(prefix) :] for k in not_found]
-    return sorted(set(missing)), [k for k in result.unexpected_keys if not is_extra_state(k)]
+    missing = {k for k in [*result.missing_keys, *absent] if not is_extra_state(k)}
+    return sorted(missing), [k for k in result.unexpected_keys if not is_extra_state(k)]
