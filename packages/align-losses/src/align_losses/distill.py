@@ -101,12 +101,14 @@ class _TopKTailLogProbs(torch.autograd.Function):
             work.scatter_(1, padded[rows], 0.0)
             parts[rows, 2] = torch.log(work.sum(dim=1))
             del work, scaled
-        # Both log-sums must share one shift, so they are combined as a pair.
-        shift, log_sums = combine_logsumexp(
+        shifts, log_sums = combine_logsumexp(
             parts[:, :1].expand(-1, 2).contiguous(), parts[:, 1:].contiguous(), group
         )
-        shift = shift[:, 0]
-        log_total, log_tail = log_sums[:, 0], log_sums[:, 1]
+        # Over a group the two sums can get different shifts (a rank whose tail is empty does
+        # not vote for the tail's shift): re-base the tail onto the total's shift.
+        shift = shifts[:, 0]
+        log_total = log_sums[:, 0]
+        log_tail = log_sums[:, 1] + (shifts[:, 1] - shift)
 
         picked = gather_owned(logits, columns.view(ids.shape), owned.view(ids.shape), group)
         picked = picked.reshape(-1, top_k).to(cdt) * scale
