@@ -136,8 +136,34 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+SYNONYMS = {
+    "learning_rate": "lr",
+    "beta": "ref_policy_kl_penalty",
+    "kl_penalty": "ref_policy_kl_penalty",
+    "loss_type": "preference_loss",
+    "batch_size": "global_batch_size",
+    "epochs": "max_epochs",
+    "num_epochs": "max_epochs",
+    "steps": "max_steps",
+    "tp": "tensor_model_parallel_size",
+    "pp": "pipeline_model_parallel_size",
+    "seq_len": "seq_length",
+    "max_length": "seq_length",
+    "lora_rank": "adapter_dim",
+    "rank": "adapter_dim",
+}
+"""Names users bring from other trainers (TRL, Megatron-LM) -> the key name used here."""
+
+
 def _suggest(key: str, cls: type) -> str:
     keys = all_keys(cls) + list(NEMO_KEYS_WITHOUT_EFFECT)
+    parent, _, last = key.rpartition(".")
+    if last in SYNONYMS:
+        wanted = SYNONYMS[last]
+        same = f"{parent}.{wanted}" if parent else wanted
+        ends = [k for k in keys if k == same] or [k for k in keys if k.endswith("." + wanted)]
+        if ends:
+            return f"; did you mean {ends[0]}?"
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not match:
         # Compare the last component against every key that ends in a close name.
@@ -211,6 +237,8 @@ def _explain(exc: Exception, overrides: Sequence[Override]) -> ConfigError:
     for word, phrase in _TYPE_WORDS.items():
         if f"could not be converted to {word}" in first:
             first = f"expected {phrase}, got {first.split(chr(39))[1]!r}"
+    if "is not a valid bool" in first:
+        first = f"expected true or false, got {first.split(chr(39))[1]!r}"
     if not key:
         for override in overrides:
             if override.raw in str(exc) or f"{override.key}=" in str(exc):

@@ -1,0 +1,159 @@
+"""The ``align`` commands through Typer's test runner (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from align_cli.main import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_imports_no_heavy_modules() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from align_cli.main import app\n"
+        "result = CliRunner().invoke(app, ['run', 'dpo', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "heavy = [m for m in ('torch', 'megatron', 'hydra', 'omegaconf', 'matplotlib')"
+        " if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_show_config_prints_the_composed_tree() -> None:
+    result = invoke(
+        "run", "kto", "--show-config", "model.kto.desirable_loss_weight=2", "model.mcore_gpt=True"
+    )
+    assert result.exit_code == 0
+    assert "desirable_loss_weight: 2.0" in result.output
+    assert "note: model.mcore_gpt: NeMo-Aligner key without effect" in result.output
+
+
+def test_misspelt_key_exits_2_naming_it() -> None:
+    result = invoke("run", "kto", "model.kto.desirable_weight=2")
+    assert result.exit_code == 2
+    assert "error: model.kto.desirable_weight: no such key" in result.output
+    assert "did you mean model.kto.desirable_loss_weight?" in result.output
+
+
+def test_mistyped_option_is_suggested() -> None:
+    result = invoke("run", "dpo", "--nproc-per-nod", "2")
+    assert result.exit_code == 2
+    assert "no such option: --nproc-per-nod; did you mean --nproc-per-node?" in result.output
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory):
+    from align_data import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=40, num_eval=8)
+
+
+def test_data_validate_counts_records(synthetic) -> None:
+    result = invoke("data", "validate", str(synthetic.preference_train))
+    assert result.exit_code == 0
+    assert f"{synthetic.preference_train}: 40 preference records from 40 rows" in result.output
+
+
+def _malformed(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.jsonl"
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    rows = [good, good, {"prompt": "p", "chosen": "a"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_data_validate_names_file_line_and_field(tmp_path: Path) -> None:
+    bad = _malformed(tmp_path)
+    result = invoke("data", "validate", str(bad))
+    assert result.exit_code == 2
+    assert f"error: {bad}:3: rejected:" in result.output
+
+
+def test_data_validate_lenient_counts_and_reports(tmp_path: Path) -> None:
+    bad = _malformed(tmp_path)
+    report = tmp_path / "report.jsonl"
+    result = invoke("data", "validate", str(bad), "--lenient", "--report", str(report))
+    assert result.exit_code == 1
+    assert "2 preference records from 3 rows" in result.output and "1 invalid" in result.output
+    lines = report.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["line"] == 3
+
+
+def test_data_stats_counts_tokens(synthetic) -> None:
+    result = invoke("data", "stats", str(synthetic.sft_train))
+    assert result.exit_code == 0
+    assert "examples kept" in result.output and "40" in result.output
+
+
+def test_dry_run_of_the_demo_prints_the_plan() -> None:
+    result = invoke("run", "dpo", "--dry-run", "trainer.dpo.max_steps=5")
+    assert result.exit_code == 0, result.output
+    assert "synthetic task" in result.output
+    assert "TP=1 PP=1 CP=1 DP=1" in result.output
+    assert "memory per rank (estimate)" in result.output
+    assert "nothing was trained" in result.output
+
+
+def test_dry_run_layout_and_batch_checks(synthetic) -> None:
+    data = f"model.data.data_prefix={synthetic.preference_train}"
+    result = invoke(
+        "run", "dpo", "--dry-run", "--nproc-per-node", "8", data,
+        "model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
+        "model.global_batch_size=8", "model.micro_batch_size=2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "TP=2 PP=2 CP=1 DP=2" in result.output
+    assert "global 8 = micro 2 × accumulation 2 × DP 2" in result.output
+    # 40 pairs, 8 per step: 5 steps in the one epoch.
+    assert "5 (5 per epoch × 1 epoch(s)" in result.output
+    result = invoke("run", "dpo", "--dry-run", "--nproc-per-node", "3", data)
+    assert result.exit_code == 2
+    assert "global_batch_size 64 is not a multiple" in result.output
+
+
+def test_dry_run_fails_on_malformed_data_with_file_line(tmp_path: Path) -> None:
+    bad = _malformed(tmp_path)
+    result = invoke(
+        "run", "dpo", "--dry-run", f"model.data.data_prefix={bad}", "model.global_batch_size=1"
+    )
+    assert result.exit_code == 2
+    assert f"{bad}:3: rejected:" in result.output
+
+
+def test_plot_command(tmp_path: Path) -> None:
+    rows = [{"split": "train", "step": s, "loss": 1.0 / s, "kl": 0.1 * s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = invoke("plot", str(tmp_path))
+    assert result.exit_code == 0
+    assert (tmp_path / "plots" / "loss.png").is_file()
+    assert (tmp_path / "plots" / "kl.png").is_file()
+    missing = invoke("plot", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "no metrics.jsonl" in missing.output
+
+
+def test_init_model_then_inspect(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.nemo"
+    result = invoke("init-model", str(out), "--num-layers", "1", "--hidden-size", "32")
+    assert result.exit_code == 0, result.output
+    result = invoke("ckpt", "inspect", str(out))
+    assert result.exit_code == 0, result.output
+    assert "num_layers" in result.output and "single (saved with TP=1, PP=1)" in result.output
+    # 1 layer, hidden 32, ffn 256 (SwiGLU), 4 heads, vocabulary 320 padded to 384, untied.
+    h, ffn, vocab = 32, 256, 384
+    expected = 2 * vocab * h + (2 * h + 3 * h * h + h * h + h * 2 * ffn + ffn * h) + h
+    assert f"{expected:,}" in result.output

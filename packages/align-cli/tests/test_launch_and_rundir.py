@@ -1,0 +1,111 @@
+"""Launch decisions (torchrun, Slurm) and run directories."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from align_cli.errors import UsageError
+from align_cli.launch import (
+    LaunchOptions,
+    first_host,
+    launcher,
+    prepare_slurm_env,
+    torchrun_command,
+    world_rank,
+)
+from align_cli.rundir import find_last_run, new_run_dir, read_run_info, write_run_info
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [
+        ("node07", "node07"),
+        ("node[03-05,9]", "node03"),
+        ("gpu[12,14],cpu1", "gpu12"),
+        ("a-b-c[001-004]", "a-b-c001"),
+    ],
+)
+def test_first_host_of_a_slurm_node_list(nodelist: str, first: str) -> None:
+    assert first_host(nodelist) == first
+
+
+def test_launcher_detection() -> None:
+    assert launcher({}) is None
+    assert launcher({"RANK": "1", "WORLD_SIZE": "4"}) == "torchrun"
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}
+    assert launcher(slurm) == "slurm"
+    assert world_rank(slurm) == 3
+    # A Slurm allocation (salloc/sbatch shell) that is not inside an srun step is no launcher.
+    assert launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) is None
+    assert launcher({**slurm, "SLURM_NTASKS": "1"}) is None
+
+
+def test_slurm_environment_fills_the_rendezvous() -> None:
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "node[10-11]",
+    }
+    prepare_slurm_env(env)
+    assert env["MASTER_ADDR"] == "node10"
+    assert env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert env["LOCAL_RANK"] == "1"
+    kept = {"MASTER_ADDR": "head", "MASTER_PORT": "1234"}
+    prepare_slurm_env(kept)
+    assert kept["MASTER_ADDR"] == "head" and kept["MASTER_PORT"] == "1234"
+
+
+def test_torchrun_command_reinvokes_the_worker(tmp_path: Path) -> None:
+    options = LaunchOptions(
+        nproc_per_node=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=6000
+    )
+    command = torchrun_command(options, tmp_path)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    for flag in (
+        "--nproc-per-node=4",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.1",
+        "--master-port=6000",
+    ):
+        assert flag in command
+    assert command[-3:] == ["--module", "align_cli.worker", str(tmp_path)]
+    assert options.world_size == 8
+
+
+def test_run_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    first = new_run_dir(str(tmp_path), None, "kto")
+    assert first.parent == tmp_path and first.name.startswith("kto-")
+    assert new_run_dir(str(tmp_path), "mine", "kto") == tmp_path / "mine"
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert new_run_dir(str(tmp_path), None, "dpo") == tmp_path / "dpo-slurm42.3"
+
+
+def test_find_last_run_picks_the_newest_of_the_command(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no `align run dpo` run"):
+        find_last_run(str(tmp_path), "dpo")
+    for name, command, created in (
+        ("a", "dpo", "2026-01-01T00:00:00"),
+        ("b", "dpo", "2026-02-01T00:00:00"),
+        ("c", "kto", "2026-03-01T00:00:00"),
+    ):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text("{}\n")
+        write_run_info(run, command, command, ["align", "run", command])
+        info = json.loads((run / "run.json").read_text())
+        info["created"] = created
+        (run / "run.json").write_text(json.dumps(info))
+    assert find_last_run(str(tmp_path), "dpo") == tmp_path / "b"
+    assert find_last_run(str(tmp_path), "kto") == tmp_path / "c"
+    info = read_run_info(tmp_path / "b")
+    assert info.command == "dpo" and info.argv == ("align", "run", "dpo")
+    assert "align-cli" in info.versions
