@@ -260,7 +260,8 @@ def test_format_that_cannot_feed_the_kind(jsonl):
     with pytest.raises(DataError) as err:
         load_records(path, kind="preference")
     assert str(err.value).startswith(
-        f"{path}:1: <record>: format 'messages' provides sft records but preference records are needed"
+        f"{path}:1: <record>: format 'messages' provides sft records "
+        "but preference records are needed"
     )
 
 

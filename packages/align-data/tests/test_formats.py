@@ -233,7 +233,8 @@ def test_detection_per_file(jsonl):
 def test_blank_lines_crlf_and_bom(tmp_path):
     path = tmp_path / "crlf.jsonl"
     path.write_bytes(
-        b'\xef\xbb\xbf{"prompt": "p", "completion": "c"}\r\n\r\n   \n{"prompt": "q", "completion": "d"}'
+        b'\xef\xbb\xbf{"prompt": "p", "completion": "c"}\r\n\r\n   \n'
+        b'{"prompt": "q", "completion": "d"}'
     )
     result = load_records(path, kind="sft")
     assert [(r.prompt, r.source.line) for r in result.records] == [("p", 1), ("q", 4)]

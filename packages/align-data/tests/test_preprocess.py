@@ -1,4 +1,4 @@
-"""Preprocessing: shards equal in-memory tokenization, fingerprint reuse, workers, errors, report."""
+"""Preprocessing: shards equal in-memory tokenization; reuse, workers, errors, report."""
 
 from __future__ import annotations
 

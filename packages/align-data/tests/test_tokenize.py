@@ -61,7 +61,7 @@ def test_labels_exactly_over_response_including_eos():
 
 
 def test_sequence_row_with_trained_prompt_tokens_and_empty_response():
-    input_ids, labels = sequence_row(
+    _, labels = sequence_row(
         np.array([BOS, 1, 2, 3]), np.array([4, EOS]), np.array([0, 0, 1, 0], dtype=np.uint8)
     )
     assert labels.tolist() == [-100, 2, -100, 4, EOS]

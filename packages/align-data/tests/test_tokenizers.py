@@ -22,9 +22,11 @@ from align_data import (
     SFTRecord,
     Source,
     TokenizeConfig,
-    Tokenizer as TokenizerProtocol,
     sequence_row,
     tokenize_record,
+)
+from align_data import (
+    Tokenizer as TokenizerProtocol,
 )
 
 CHATML = (
@@ -173,7 +175,7 @@ def test_jinja_named_templates_tojson_and_extra(tmp_path):
 
 def test_jinja_template_in_sandbox():
     template = JinjaChatTemplate("{{ ''.__class__.__mro__ }}")
-    with pytest.raises(Exception, match="unsafe|access"):
+    with pytest.raises(Exception, match=r"unsafe|access"):
         template.render([], add_generation_prompt=False)
 
 
