@@ -235,3 +235,20 @@ def test_config_file_layer_and_its_bad_keys(tmp_path) -> None:
         load_tree("dpo", bad)
     assert str(bad) in str(info.value)
     assert "did you mean model.dpo.ref_policy_kl_penalty?" in str(info.value)
+
+
+def test_lora_keys_with_nemo_target_names() -> None:
+    _, run = run_config("dpo", [])
+    assert run.peft is None
+    _, run = run_config(
+        "dpo",
+        [
+            "model.peft.peft_scheme=lora",
+            "model.peft.lora_tuning.adapter_dim=8",
+            "model.peft.lora_tuning.adapter_dropout=0.05",
+            "model.peft.lora_tuning.target_modules=[attention_qkv,mlp]",
+        ],
+    )
+    assert run.peft.rank == 8
+    assert run.peft.dropout == 0.05
+    assert run.peft.target_modules == ("linear_qkv", "linear_fc1", "linear_fc2")

@@ -33,6 +33,7 @@ from align_cli.config.structured import FieldSpec, build, extract, flat_fields, 
 from align_cli.errors import ConfigError
 from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
 from align_core.config import ModelConfig, ParallelConfig
+from align_core.lora import LoraConfig
 from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer import DataConfig, ReferenceConfig, RunConfig, TrainerConfig
 
@@ -194,6 +195,50 @@ OptimSection = typed_section(
 )
 
 
+LORA_RENAMES = {"rank": "adapter_dim", "dropout": "adapter_dropout"}
+"""`LoraConfig` field -> NeMo key under ``model.peft.lora_tuning``."""
+
+LORA_TARGETS = {
+    "attention_qkv": ("linear_qkv",),
+    "attention_dense": ("linear_proj",),
+    "mlp_fc1": ("linear_fc1",),
+    "mlp_fc2": ("linear_fc2",),
+    "attention": ("linear_qkv", "linear_proj"),
+    "mlp": ("linear_fc1", "linear_fc2"),
+    "all": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"),
+}
+"""NeMo's LoRA target names -> megatron's linear names (which are accepted as they are)."""
+
+LoraSection = typed_section(
+    "LoraTuningSection",
+    "``model.peft.lora_tuning``: adapter shape (align-core's LoraConfig, NeMo's names).",
+    [
+        *flat_fields(LoraConfig, rename=LORA_RENAMES, exclude=("target_modules",)),
+        FieldSpec(
+            "target_modules",
+            list[str],
+            list(default_of(LoraConfig, "target_modules")),
+            doc="linear_qkv, linear_proj, linear_fc1, linear_fc2, or NeMo's names "
+            "(attention_qkv, attention_dense, mlp_fc1, mlp_fc2, attention, mlp, all)",
+        ),
+    ],
+)
+
+PeftSection = typed_section(
+    "PeftSection",
+    "``model.peft``: parameter-efficient fine-tuning.",
+    [
+        FieldSpec(
+            "peft_scheme",
+            Literal["none", "lora"],
+            "none",
+            doc="none (full fine-tuning) or lora",
+        ),
+        FieldSpec("lora_tuning", LoraSection, factory=LoraSection),
+    ],
+)
+
+
 @cache
 def tree_class(algorithm: TreeAlgorithm) -> type:
     """The typed configuration tree of ``algorithm`` (``dpo`` also serves IPO and RPO)."""
@@ -225,6 +270,7 @@ def tree_class(algorithm: TreeAlgorithm) -> type:
             *flat_fields(ParallelConfig),
             *flat_fields(ModelConfig, optional=True, rename=MODEL_RENAMES),
             FieldSpec("optim", OptimSection, factory=OptimSection),
+            FieldSpec("peft", PeftSection, factory=PeftSection),
             FieldSpec(algorithm, ALGORITHMS[algorithm], factory=ALGORITHMS[algorithm]),
             FieldSpec("data", DataSection, factory=DataSection),
             FieldSpec("reference", ReferenceConfig, factory=ReferenceConfig),
@@ -374,6 +420,7 @@ def to_run_config(
         data=data,
         optim=optim,
         sched=sched,
+        peft=_lora(tree.model.peft),
         restore_from_path=tree.pretrained_checkpoint.restore_from_path,
         resume=tree.exp_manager.resume_if_exists,
         export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
@@ -395,6 +442,20 @@ def _scheduler(section: Any) -> SchedulerConfig:
             )
         section.style = style
     return extract(SchedulerConfig, section, key)
+
+
+def _lora(section: Any) -> LoraConfig | None:
+    if section.peft_scheme == "none":
+        return None
+    key = "model.peft.lora_tuning"
+    targets: list[str] = []
+    for name in section.lora_tuning.target_modules:
+        for target in LORA_TARGETS.get(name, (name,)):
+            if target not in targets:
+                targets.append(target)
+    tuning = section.lora_tuning
+    tuning.target_modules = tuple(targets)
+    return extract(LoraConfig, tuning, key, rename=LORA_RENAMES)
 
 
 def _model_config(changes: dict[str, Any]) -> ModelConfig:
