@@ -62,6 +62,12 @@ class AlgorithmStep(Protocol):
         """Collate tokenized examples (align-data) into one padded model batch."""
         ...
 
+    def build_packed_micro_batch(
+        self, examples: Sequence[Any], collate: CollateConfig, capacity: int
+    ) -> ModelBatch:
+        """Pack tokenized examples into rows of ``capacity`` positions (one model batch)."""
+        ...
+
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """The global-batch normaliser of the loss: examples, or tokens for token-mean losses.
 

@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import PreferenceBatch
 from align_data.collate import CollateConfig, collate_preference
+from align_data.packing import collate_packed_preference
 from align_data.tokenize import PreferenceExample
 
 __all__ = ["DPOConfig", "DPOStep", "PreferenceLoss", "dpo_loss_and_metrics", "dpo_model_batch"]
@@ -195,6 +197,17 @@ class DPOStep:
     ) -> ModelBatch:
         """Collate ``examples`` (pairs) into one padded model batch."""
         return dpo_model_batch(collate_preference(examples, collate))
+
+    def build_packed_micro_batch(
+        self, examples: Sequence[PreferenceExample], collate: CollateConfig, capacity: int
+    ) -> ModelBatch:
+        """Pack ``examples`` (each pair's two sequences in one row) into one model batch."""
+        packed = collate_packed_preference(examples, collate, capacity=capacity)
+        out = packed_model_batch(packed)
+        out["chosen_gt_rewards"] = packed.chosen_rewards
+        out["rejected_gt_rewards"] = packed.rejected_rewards
+        out["sample_index"] = packed.sample_indices
+        return out
 
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Pairs in the global batch (per-pair losses are averaged over the global batch)."""

@@ -155,6 +155,12 @@ class KTOStep:
         """Collate ``examples`` with their mismatched KL samples into one model batch."""
         return kto_model_batch(collate_kto(examples, collate))
 
+    def build_packed_micro_batch(
+        self, examples: Sequence[UnpairedExample], collate: CollateConfig, capacity: int
+    ) -> ModelBatch:
+        """Not supported: KTO's KL samples are built per micro-batch, unpacked."""
+        raise ValueError("model.data.packing is supported for dpo and sft, not kto")
+
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Examples in the global batch."""
         return torch.tensor(float(global_examples))

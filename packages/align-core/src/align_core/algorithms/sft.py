@@ -12,9 +12,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import SFTBatch
 from align_data.collate import CollateConfig, collate_sft
+from align_data.packing import collate_packed_sft
 from align_data.tokenize import SFTExample
 
 __all__ = ["SFTConfig", "SFTStep", "sft_loss_and_metrics", "sft_model_batch"]
@@ -93,6 +95,15 @@ class SFTStep:
     ) -> ModelBatch:
         """Collate ``examples`` into one padded model batch."""
         return sft_model_batch(collate_sft(examples, collate))
+
+    def build_packed_micro_batch(
+        self, examples: Sequence[SFTExample], collate: CollateConfig, capacity: int
+    ) -> ModelBatch:
+        """Pack ``examples`` into rows of ``capacity`` positions (one model batch)."""
+        packed = collate_packed_sft(examples, collate, capacity=capacity)
+        out = packed_model_batch(packed)
+        out["sample_index"] = packed.sample_indices
+        return out
 
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Response tokens of the global batch (``token_mean``) or its examples."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from align_core.algorithms._common import AlgorithmStep, ModelBatch, pad_model_batch
+from align_core.algorithms._packed import pad_packed_model_batch
 
 __all__ = ["TrainData", "epoch_order"]
 
@@ -57,6 +58,8 @@ class TrainData:
         shuffle: Shuffle the training order each epoch.
         per_epoch_cache_rows: Reference cache rows per epoch (KTO) instead of per example.
         pad_multiple: Round each step's row length up to a multiple of this.
+        pack_capacity: Pack examples into rows of this many positions (None: pad, one
+            sequence per row).
     """
 
     train: Sequence[Any]
@@ -71,6 +74,7 @@ class TrainData:
     shuffle: bool = True
     per_epoch_cache_rows: bool = False
     pad_multiple: int = 1
+    pack_capacity: int | None = None
 
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.data_parallel_size
@@ -133,12 +137,22 @@ class TrainData:
         batches = []
         for start in range(0, len(indices), mbs):
             chunk = [examples[int(i)] for i in indices[start : start + mbs]]
-            batch = self.algorithm.build_micro_batch(chunk, self.collate)
+            if self.pack_capacity is None:
+                batch = self.algorithm.build_micro_batch(chunk, self.collate)
+            else:
+                batch = self.algorithm.build_packed_micro_batch(
+                    chunk, self.collate, self.pack_capacity
+                )
             batch["cache_rows"] = torch.as_tensor(rows[start : start + mbs], dtype=torch.long)
             batches.append(batch)
         length = max(b["tokens"].shape[-1] for b in batches)
         length = -(-length // self.pad_multiple) * self.pad_multiple
-        return [pad_model_batch(b, length, pad_id=self.collate.pad_id) for b in batches]
+        if self.pack_capacity is None:
+            return [pad_model_batch(b, length, pad_id=self.collate.pad_id) for b in batches]
+        rows_max = max(b["tokens"].shape[0] for b in batches)
+        return [
+            pad_packed_model_batch(b, rows_max, length, pad_id=self.collate.pad_id) for b in batches
+        ]
 
     def train_micro_batches(self, consumed_samples: int) -> list[ModelBatch]:
         """This rank's micro-batches of the global batch after ``consumed_samples``."""

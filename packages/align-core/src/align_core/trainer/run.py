@@ -14,6 +14,8 @@ from align_core.algorithms.dpo import DPOConfig
 from align_core.algorithms.kto import KTOConfig
 from align_core.algorithms.sft import SFTConfig
 from align_core.config import ModelConfig, ParallelConfig
+from align_core.lora import LoraConfig
+from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer.config import ReferenceConfig, TrainerConfig
 from align_core.trainer.metrics import MetricsSink
 
@@ -121,9 +123,10 @@ class RunConfig:
         dpo: DPO-family settings (used when ``algorithm == "dpo"``).
         kto: KTO settings (used when ``algorithm == "kto"``).
         sft: SFT settings (used when ``algorithm == "sft"``).
-        optim: Optimizer settings (``model.optim``); None uses the optimizer config's defaults.
-        sched: Learning-rate schedule (``model.optim.sched``); None uses its defaults.
-        peft: LoRA settings (``model.peft``); None is full fine-tuning.
+        optim: Optimizer settings (``model.optim``).
+        sched: Learning-rate schedule (``model.optim.sched``).
+        peft: LoRA settings (``model.peft``, `align_core.lora.LoraConfig`); None is full
+            fine-tuning.
         restore_from_path: ``.nemo`` file (or directory) with the initial policy and tokenizer;
             None builds a freshly initialised ``model`` with align-data's byte-level tokenizer.
         resume: Continue from the newest complete checkpoint in ``run_dir`` when there is one.
@@ -141,9 +144,9 @@ class RunConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    optim: object | None = None
-    sched: object | None = None
-    peft: object | None = None
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    peft: LoraConfig | None = None
     restore_from_path: str | None = None
     resume: bool = True
     export_nemo: bool = True
@@ -230,10 +233,11 @@ def train(run: RunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
 
     Initialises torch.distributed and megatron's groups from the launcher's environment (a plain
     single process works too), builds or restores the policy, tokenizes the data, resolves the
-    reference strategy, resumes from ``run_dir`` when asked and possible, and runs the trainer
-    loop until max steps/epochs, the wall-clock limit or SIGTERM; then saves a checkpoint and
-    exports ``run_dir/final.nemo`` (when ``run.export_nemo``). Metrics go to ``sinks`` on
-    global rank 0 only.
+    reference strategy (computing the reference cache for ``precompute``), resumes from
+    ``run_dir`` when asked and possible, and runs the trainer loop until max steps/epochs, the
+    wall-clock limit or SIGTERM; then saves a checkpoint and exports ``run_dir/final.nemo``
+    (when ``run.export_nemo`` and the run completed). Metrics go to ``sinks`` on global rank 0
+    only; ``sink.finish`` is called however the run ends.
 
     Args:
         run: The run configuration.
@@ -245,7 +249,10 @@ def train(run: RunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
     Raises:
         align_core.trainer.NonFiniteError: A NaN/inf loss or gradient with
             ``trainer.nonfinite="stop"``; the message names the step.
+        align_data.DataError: A malformed record (strict mode), before any training.
         ValueError: An inconsistent configuration (batch sizes vs parallel layout, a reference
             strategy that cannot apply, ...), before any training.
     """
-    raise NotImplementedError("align_core.trainer.train is being built")
+    from align_core.trainer.session import run_training
+
+    return run_training(run, sinks)

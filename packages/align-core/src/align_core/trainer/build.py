@@ -1,0 +1,291 @@
+"""Building a run's pieces from its `RunConfig`: tokenizer, model, data, algorithm, reference.
+
+Every function here is collective-safe: rank 0 does the file work (preprocessing caches, the
+synthetic task files, the reference cache) and the others wait at a barrier; an error on rank 0
+is sent to every rank and raised everywhere, so a bad data file stops all ranks with the same
+``file:line: field: reason`` message instead of leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from align_core.algorithms._common import AlgorithmStep
+from align_core.algorithms.dpo import DPOStep
+from align_core.algorithms.kto import KTOStep
+from align_core.algorithms.sft import SFTStep
+from align_core.config import ModelConfig, ParallelConfig
+
+if TYPE_CHECKING:
+    from align_core.nemo import TokenizerSpec
+    from align_core.trainer.run import RunConfig
+    from align_data import Tokenizer
+
+__all__ = [
+    "Datasets",
+    "ModelSource",
+    "build_algorithm",
+    "load_datasets",
+    "on_main_then_all",
+    "resolve_model_source",
+    "tokenizer_from_spec",
+]
+
+T = TypeVar("T")
+
+_KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
+_SYNTHETIC = {
+    "dpo": ("preference_train", "preference_eval"),
+    "kto": ("unpaired_train", "unpaired_eval"),
+    "sft": ("sft_train", "sft_eval"),
+}
+
+
+def on_main_then_all(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 first, then on the other ranks; errors reach every rank.
+
+    ``fn`` must be safe to run again once rank 0 has run it (it reuses what rank 0 wrote).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    result: T | None = None
+    error: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            error[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {error[0]}")
+    if dist.get_rank() != 0:
+        result = fn()
+    dist.barrier()
+    return result  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_from_spec(spec: TokenizerSpec | None) -> Tokenizer:
+    """An align-data tokenizer for a `.nemo` tokenizer description.
+
+    ``byte-level`` (or no tokenizer section) is align-data's `ByteTokenizer`; ``huggingface``
+    with a ``tokenizer.json`` and ``sentencepiece`` with a ``.model`` use align-data's adapters;
+    ``megatron`` GPT-2 BPE (``vocab_file`` + ``merge_file``) is converted to a Hugging Face
+    ``tokenizers`` byte-level BPE.
+
+    Raises:
+        ValueError: A tokenizer description none of these covers.
+    """
+    from align_data import ByteTokenizer
+
+    if spec is None or spec.library == "byte-level":
+        return ByteTokenizer()
+    try:
+        from align_core.nemo import build_tokenizer
+
+        return build_tokenizer(spec)
+    except NotImplementedError:
+        pass
+    if spec.library == "sentencepiece" and spec.model is not None:
+        from align_data import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(spec.model)
+    if spec.library == "huggingface" and spec.model is not None:
+        from align_data import HFTokenizer
+
+        return HFTokenizer(spec.model)
+    if spec.vocab_file is not None and spec.merge_file is not None:
+        return _gpt2_bpe(spec.vocab_file, spec.merge_file)
+    raise ValueError(
+        f"cannot build a tokenizer for library={spec.library!r} type={spec.type!r} "
+        f"files={sorted(spec.files())}"
+    )
+
+
+def _gpt2_bpe(vocab_file: Path, merge_file: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from align_data import HFTokenizer
+
+    tok = HFTok(models.BPE.from_file(str(vocab_file), str(merge_file)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        path = f.name
+    tok.save(path)
+    return HFTokenizer(path, eos_token=eos, pad_token=eos, bos_token=eos)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the initial policy comes from.
+
+    Attributes:
+        model: The architecture to build.
+        tokenizer: The tokenizer.
+        tokenizer_spec: The `.nemo` tokenizer description (for export), or None.
+        nemo_path: The `.nemo` to load weights from, or None for a fresh initialisation.
+    """
+
+    model: ModelConfig
+    tokenizer: Any
+    tokenizer_spec: Any
+    nemo_path: str | None
+
+
+def resolve_model_source(run: RunConfig) -> ModelSource:
+    """Architecture and tokenizer: from ``restore_from_path``, or fresh (byte tokenizer).
+
+    Raises:
+        ValueError: A fresh model whose vocabulary is smaller than the tokenizer's.
+    """
+    from align_core.nemo import TokenizerSpec, open_nemo
+
+    tp = run.parallel.tensor_model_parallel_size
+    if run.restore_from_path is not None:
+        with open_nemo(run.restore_from_path) as ckpt:
+            model = run.model if run.model is not None else ckpt.model_config_for(tp)
+            spec = ckpt.tokenizer
+            tokenizer = tokenizer_from_spec(spec)
+        return ModelSource(model, tokenizer, spec, run.restore_from_path)
+    from align_data import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    model = run.model if run.model is not None else ModelConfig(vocab_size=tokenizer.vocab_size)
+    if model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size {model.vocab_size} is smaller than the byte tokenizer's "
+            f"{tokenizer.vocab_size}"
+        )
+    return ModelSource(model, tokenizer, TokenizerSpec(library="byte-level"), None)
+
+
+def build_policy(source: ModelSource, parallel: ParallelConfig) -> torch.nn.Module:
+    """This rank's model chunk holding the initial weights (from the `.nemo`, or fresh)."""
+    from align_core.model import build_gpt_model
+    from align_core.nemo import load_nemo_weights, open_nemo
+
+    model = build_gpt_model(source.model, parallel)
+    if source.nemo_path is not None:
+        with open_nemo(source.nemo_path) as ckpt:
+            load_nemo_weights(model, ckpt)
+    return model
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Tokenized training and validation data.
+
+    Attributes:
+        train: Training examples (random access, ``index`` = position).
+        val: Validation examples (may be empty).
+        fingerprint: Hash of sources, tokenizer and settings of both splits.
+        summary: Human-readable preprocessing summary of the training data.
+    """
+
+    train: Sequence[Any]
+    val: Sequence[Any]
+    fingerprint: str
+    summary: str
+
+
+def _files(run: RunConfig, data_dir: Path) -> tuple[list[str], list[str]]:
+    if run.data.train_files:
+        return list(run.data.train_files), list(run.data.validation_files)
+    from align_data import write_synthetic_dataset
+
+    syn = run.data.synthetic
+    out = data_dir / f"synthetic-{syn.seed}-{syn.num_train}-{syn.num_validation}"
+
+    def write() -> Any:
+        if not (out / "done").exists():
+            write_synthetic_dataset(
+                out, seed=syn.seed, num_train=syn.num_train, num_eval=syn.num_validation
+            )
+            (out / "done").write_text("ok\n")
+        return None
+
+    on_main_then_all(write)
+    train_name, eval_name = _SYNTHETIC[run.algorithm]
+    return [str(out / f"{train_name}.jsonl")], [str(out / f"{eval_name}.jsonl")]
+
+
+def load_datasets(run: RunConfig, tokenizer: Tokenizer, seq_length: int) -> Datasets:
+    """Validate and tokenize the run's data (cached under ``run_dir/data``).
+
+    Raises:
+        align_data.DataError: The first malformed record (strict mode), naming file and line.
+    """
+    from align_data import PreprocessConfig, TokenizeConfig, preprocess
+
+    data_dir = Path(run.run_dir) / "data"
+    train_files, val_files = _files(run, data_dir)
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    config = PreprocessConfig(
+        kind=_KIND[run.algorithm],
+        format=run.data.format,  # type: ignore[arg-type]
+        strict=run.data.strict,
+        tokenize=TokenizeConfig(max_length=seq_length + 1, overlong=run.data.over_long),
+        progress=False,
+        report_path=str(data_dir / "skipped.jsonl") if not run.data.strict else None,
+    )
+
+    def prepare(paths: list[str]) -> Any:
+        return on_main_then_all(lambda: preprocess(paths, tokenizer, data_dir / "cache", config))
+
+    train = prepare(train_files)
+    val = prepare(val_files) if val_files else []
+    fingerprint = train.fingerprint + ":" + (val.fingerprint if val_files else "-")
+    return Datasets(train, val, fingerprint, train.summary.format() if main else "")
+
+
+# -------------------------------------------------------------------------------- algorithm
+
+
+def build_algorithm(run: RunConfig, data_group: dist.ProcessGroup | None) -> AlgorithmStep:
+    """The algorithm step of ``run.algorithm`` (KTO and SFT reduce over ``data_group``)."""
+    if run.algorithm == "dpo":
+        return DPOStep(run.dpo)
+    if run.algorithm == "kto":
+        return KTOStep(run.kto, group=data_group)
+    if run.algorithm == "sft":
+        return SFTStep(run.sft, group=data_group)
+    raise ValueError(f"unknown algorithm {run.algorithm!r}")
+
+
+def reference_merge(run: RunConfig) -> int:
+    """Training micro-batches per reference forward (``log_prob_forward_micro_batch_size``)."""
+    mbs = run.data.micro_batch_size
+    if run.algorithm == "dpo":
+        size, unit = run.dpo.log_prob_forward_micro_batch_size, mbs
+    elif run.algorithm == "kto":
+        size, unit = run.kto.log_prob_forward_micro_batch_size, 2 * mbs
+    else:
+        return 1
+    if size is None:
+        return 1
+    if size % unit:
+        raise ValueError(
+            f"model.{run.algorithm}.log_prob_forward_micro_batch_size {size} must be a multiple "
+            f"of {unit} (the sequences of one training micro-batch)"
+        )
+    return size // unit
