@@ -230,3 +230,60 @@ def test_fingerprints_distinguish_tokenizers(hf_dir, sp_model):
         SentencePieceTokenizer(sp_model).fingerprint,
     }
     assert len(prints) == 4
+
+
+def gpt2_byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte (the published bytes-to-unicode table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    symbols = gpt2_byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab["ca"] = 256  # one merge: "c" + "a"
+    vocab["<|endoftext|>"] = 257
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\nc a\n")
+    return directory / "vocab.json", directory / "merges.txt"
+
+
+def test_gpt2_bpe_files_and_nemo_spec(gpt2_files, hf_dir, sp_model):
+    from types import SimpleNamespace
+
+    from align_data import tokenizer_from_nemo_spec
+
+    vocab, merges = gpt2_files
+    tok = HFTokenizer.from_bpe_files(vocab, merges)
+    # "cat" -> "ca" (merged, id 256) + "t" (byte 116); " " is byte 32 -> symbol "Ġ" (id 32).
+    assert tok.encode("cat cat") == [256, 116, 32, 256, 116]
+    assert tok.eos_id == 257 and tok.pad_id == 257 and tok.bos_id is None
+    assert tok.decode([256, 116, 257]) == "cat"
+
+    megatron = tokenizer_from_nemo_spec(
+        SimpleNamespace(
+            library="megatron",
+            type="GPT2BPETokenizer",
+            model=None,
+            vocab_file=vocab,
+            merge_file=merges,
+        )
+    )
+    assert (megatron.bos_id, megatron.eos_id, megatron.pad_id) == (257, 257, 257)
+    assert megatron.encode("ca") == [256]
+    sp = tokenizer_from_nemo_spec(SimpleNamespace(library="sentencepiece", model=sp_model))
+    assert isinstance(sp, SentencePieceTokenizer)
+    hf = tokenizer_from_nemo_spec(SimpleNamespace(library="huggingface", model=hf_dir))
+    assert isinstance(hf, HFTokenizer) and hf.chat_template is not None
+    assert isinstance(tokenizer_from_nemo_spec(None), ByteTokenizer)
+    with pytest.raises(ValueError, match="cannot build a tokenizer for library='huggingface'"):
+        tokenizer_from_nemo_spec(SimpleNamespace(library="huggingface", type="gpt2", model=None))

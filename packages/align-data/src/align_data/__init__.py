@@ -57,6 +57,7 @@ from align_data.formats import (
     parse_record,
 )
 from align_data.hf_tokenizer import HFTokenizer
+from align_data.nemo_tokenizer import GPT2_EOS, tokenizer_from_nemo_spec
 from align_data.packing import (
     PackedBatch,
     PackingAlgorithm,
@@ -127,6 +128,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "FORMAT_KIND",
+    "GPT2_EOS",
     "IGNORE_INDEX",
     "RECORD_FIELD",
     "STYLES",
@@ -219,6 +221,7 @@ __all__ = [
     "split_prompt_response",
     "tokenize_record",
     "tokenize_records",
+    "tokenizer_from_nemo_spec",
     "unpack",
     "write_synthetic_dataset",
 ]

@@ -50,32 +50,81 @@ class HFTokenizer:
         pad_token: str | None = None,
         chat_template: ChatTemplate | None = None,
     ) -> None:
-        try:
-            from tokenizers import Tokenizer as _HFTokenizer
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "HFTokenizer needs the tokenizers library: pip install 'align-data[hf]'"
-            ) from exc
         path = Path(tokenizer_file)
         if path.is_dir():
             path = path / "tokenizer.json"
-        data = path.read_bytes()
-        self._tok = _HFTokenizer.from_str(data.decode("utf-8"))
-        self._hash = hashlib.sha256(data).hexdigest()[:16]
         config_path = path.parent / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_path.exists():
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        bos_token = bos_token or _token_text(config.get("bos_token"))
-        eos_token = eos_token or _token_text(config.get("eos_token"))
-        pad_token = pad_token or _token_text(config.get("pad_token"))
+        if chat_template is None and (config.get("chat_template") or _has_jinja(path.parent)):
+            chat_template = JinjaChatTemplate.from_tokenizer_config(config_path)
+        self._setup(
+            path.read_text(encoding="utf-8"),
+            bos_token=bos_token or _token_text(config.get("bos_token")),
+            eos_token=eos_token or _token_text(config.get("eos_token")),
+            pad_token=pad_token or _token_text(config.get("pad_token")),
+            chat_template=chat_template,
+            where=str(path),
+        )
+
+    @classmethod
+    def from_bpe_files(
+        cls,
+        vocab_file: str | Path,
+        merge_file: str | Path,
+        *,
+        eos_token: str = "<|endoftext|>",
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: ChatTemplate | None = None,
+    ) -> HFTokenizer:
+        """A GPT-2 style byte-level BPE from ``vocab.json`` and ``merges.txt``.
+
+        This is the layout of NeMo's ``megatron`` ``GPT2BPETokenizer`` inside ``.nemo`` files.
+
+        Args:
+            vocab_file: ``vocab.json`` (token -> id).
+            merge_file: ``merges.txt``.
+            eos_token: EOS token text (GPT-2: ``<|endoftext|>``).
+            bos_token: BOS token text, or None for no BOS.
+            pad_token: Pad token text (None: the EOS token).
+            chat_template: Template for chat messages, or None.
+        """
+        tokenizers = _library()
+        tok = tokenizers.Tokenizer(
+            tokenizers.models.BPE.from_file(str(vocab_file), str(merge_file))
+        )
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        self = cls.__new__(cls)
+        self._setup(
+            tok.to_str(),
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            chat_template=chat_template,
+            where=str(vocab_file),
+        )
+        return self
+
+    def _setup(
+        self,
+        json_text: str,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        pad_token: str | None,
+        chat_template: ChatTemplate | None,
+        where: str,
+    ) -> None:
+        self._tok = _library().Tokenizer.from_str(json_text)
+        self._hash = hashlib.sha256(json_text.encode()).hexdigest()[:16]
         if eos_token is None:
-            raise ValueError(f"{path}: no EOS token (pass eos_token= or add it to the config)")
+            raise ValueError(f"{where}: no EOS token (pass eos_token= or add it to the config)")
         self._bos_id = self._id(bos_token) if bos_token else None
         self._eos_id = self._id(eos_token)
         self._pad_id = self._id(pad_token) if pad_token else self._eos_id
-        if chat_template is None and (config.get("chat_template") or _has_jinja(path.parent)):
-            chat_template = JinjaChatTemplate.from_tokenizer_config(config_path)
         self._chat_template = chat_template
         self._special = {self._eos_id, self._pad_id} | (
             {self._bos_id} if self._bos_id is not None else set()
@@ -125,6 +174,16 @@ class HFTokenizer:
         """See :class:`align_data.Tokenizer`."""
         kept = [int(i) for i in ids if int(i) not in self._special]
         return str(self._tok.decode(kept, skip_special_tokens=False))
+
+
+def _library() -> Any:
+    try:
+        import tokenizers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "HFTokenizer needs the tokenizers library: pip install 'align-data[hf]'"
+        ) from exc
+    return tokenizers
 
 
 def _has_jinja(directory: Path) -> bool:
