@@ -76,5 +76,5 @@ def logsumexp_parts(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     shift = x.amax(dim=-1)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    log_sum = torch.log(torch.exp(x - shift.unsqueeze(-1)).sum(dim=-1))
+    log_sum = (x - shift.unsqueeze(-1)).exp_().sum(dim=-1).log_()
     return shift, log_sum

@@ -1,0 +1,277 @@
+"""Memory and time of align_losses' memory-lean functions against naive dense versions.
+
+    uv run python bench/losses.py                      # CPU, N = 4096, V = 32000 and 128000
+    uv run python bench/losses.py --device cuda        # same on a GPU
+    uv run python bench/losses.py --vocab 32000 --only token_logps --reps 5
+
+For each case it runs forward + backward (gradients w.r.t. every float input, upstream gradient
+random per token) and reports:
+
+* peak extra memory: the high-water mark of bytes allocated *during* forward + backward, above
+  what was allocated before (inputs), gradients included. On CUDA this is
+  ``torch.cuda.max_memory_allocated`` after a reset. On CPU torch allocations are invisible to
+  ``tracemalloc``, so the run is repeated under ``torch.profiler`` with ``profile_memory=True``,
+  which records every allocation and free of the torch CPU allocator with its size and time;
+  replaying those events in time order gives the exact high-water mark.
+* saved for backward: bytes of the distinct storages autograd keeps between forward and backward
+  (``torch.autograd.graph.saved_tensors_hooks``), not counting storages of the inputs.
+* forward + backward wall time: median over ``--reps`` runs after ``--warmup`` runs (no profiler).
+
+Ratios are ours / naive; lower is better. Only one case is alive at a time and everything is
+freed between cases (N = 4096 × V = 128000 float32 logits alone are 2 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from align_losses import chunked_linear_logps, token_logps, topk_kd_loss
+
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- naive versions
+
+
+def naive_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_linear_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    return naive_token_logps(hidden @ weight.T, labels)
+
+
+def naive_topk_kd(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    teacher_lse: torch.Tensor | None,
+) -> torch.Tensor:
+    """Forward KL as one would write it with stock ops (full log-softmax for the tail)."""
+    student = student.float()
+    if teacher_lse is None:
+        log_q = torch.log_softmax(student.gather(-1, ids), dim=-1)
+        log_p = torch.log_softmax(values, dim=-1)
+    else:
+        log_q_ids = torch.log_softmax(student, dim=-1).gather(-1, ids)
+        log_p_ids = values - teacher_lse.unsqueeze(-1)
+        q_tail = (1 - log_q_ids.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+        p_tail = (1 - log_p_ids.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+        log_q = torch.cat([log_q_ids, q_tail.log()], dim=-1)
+        log_p = torch.cat([log_p_ids, p_tail.log()], dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+# ------------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Measurement:
+    peak: int
+    saved: int
+    seconds: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor], upstream: torch.Tensor):
+    out = fn()
+    grads = torch.autograd.grad((out * upstream).sum(), inputs)
+    return out, grads
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> int:
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def _cpu_peak(run: Callable[[], object]) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run()
+        del result
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def _cuda_peak(run: Callable[[], object], device: torch.device) -> int:
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = run()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
+
+
+def measure(
+    fn: Callable[[], torch.Tensor],
+    inputs: list[torch.Tensor],
+    upstream: torch.Tensor,
+    *,
+    warmup: int,
+    reps: int,
+) -> Measurement:
+    device = upstream.device
+    for _ in range(warmup):
+        _fwd_bwd(fn, inputs, upstream)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = _fwd_bwd(fn, inputs, upstream)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        del result
+    gc.collect()
+    saved = _saved_bytes(fn, inputs)
+
+    def run() -> object:
+        return _fwd_bwd(fn, inputs, upstream)
+
+    peak = _cuda_peak(run, device) if device.type == "cuda" else _cpu_peak(run)
+    return Measurement(peak, saved, statistics.median(times))
+
+
+# ------------------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    name: str
+    vocab: int
+    naive: Callable[[], torch.Tensor]
+    ours: Callable[[], torch.Tensor]
+    inputs: list[torch.Tensor]
+    upstream: torch.Tensor
+
+
+def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    upstream = torch.randn(n, device=device, generator=gen)
+    labels = torch.randint(0, vocab, (n,), device=device, generator=gen)
+    if name == "token_logps":
+        logits = torch.randn(n, vocab, device=device, generator=gen).to(dtype).requires_grad_()
+        return Case(
+            name,
+            vocab,
+            lambda: naive_token_logps(logits, labels),
+            lambda: token_logps(logits, labels),
+            [logits],
+            upstream,
+        )
+    if name == "chunked_linear_logps":
+        hidden = torch.randn(n, args.hidden, device=device, generator=gen).to(dtype)
+        weight = torch.randn(vocab, args.hidden, device=device, generator=gen) / args.hidden**0.5
+        weight = weight.to(dtype).requires_grad_()
+        hidden.requires_grad_()
+        return Case(
+            f"{name} (H={args.hidden}, chunk={args.chunk_size})",
+            vocab,
+            lambda: naive_linear_logps(hidden, weight, labels),
+            lambda: chunked_linear_logps(hidden, weight, labels, chunk_size=args.chunk_size),
+            [hidden, weight],
+            upstream,
+        )
+    tail = name == "topk_kd_loss_tail"
+    student = torch.randn(n, vocab, device=device, generator=gen).to(dtype).requires_grad_()
+    teacher = torch.randn(n, vocab, device=device, generator=gen)
+    values, ids = torch.topk(teacher, args.k, dim=-1)
+    lse = teacher.logsumexp(-1) if tail else None
+    del teacher
+    return Case(
+        f"topk_kd_loss (K={args.k}, {'tail bucket' if tail else 'K-way'})",
+        vocab,
+        lambda: naive_topk_kd(student, values, ids, lse),
+        lambda: topk_kd_loss(student, values, ids, teacher_logsumexp=lse),
+        [student],
+        upstream,
+    )
+
+
+FUNCTIONS = ["token_logps", "chunked_linear_logps", "topk_kd_loss", "topk_kd_loss_tail"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--only", nargs="+", choices=FUNCTIONS, default=FUNCTIONS)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+
+    print(
+        f"device={args.device} dtype={args.dtype} N={args.tokens} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()}"
+    )
+    header = (
+        f"| {'function':<44} | {'V':>6} | {'peak naive':>10} | {'peak ours':>9} | {'ratio':>5} "
+        f"| {'saved naive':>11} | {'saved ours':>10} | {'t naive':>8} | {'t ours':>8} | "
+        f"{'ratio':>5} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for vocab in args.vocab:
+        for name in args.only:
+            case = build(name, args.tokens, vocab, args)
+            naive = measure(
+                case.naive, case.inputs, case.upstream, warmup=args.warmup, reps=args.reps
+            )
+            ours = measure(
+                case.ours, case.inputs, case.upstream, warmup=args.warmup, reps=args.reps
+            )
+            print(
+                f"| {case.name:<44} | {vocab:>6} | {naive.peak / MiB:>6.0f} MiB | "
+                f"{ours.peak / MiB:>5.0f} MiB | {ours.peak / naive.peak:>5.2f} | "
+                f"{naive.saved / MiB:>7.0f} MiB | {ours.saved / MiB:>6.0f} MiB | "
+                f"{naive.seconds * 1e3:>6.0f}ms | {ours.seconds * 1e3:>6.0f}ms | "
+                f"{ours.seconds / naive.seconds:>5.2f} |",
+                flush=True,
+            )
+            del case
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
