@@ -173,8 +173,8 @@ def test_legacy_tp_pp_shards_merge_to_full_model_logits(dist_ctx, tmp_path):
                 index = int(key.split(".")[2])
                 if index in layers:
                     out[key.replace(f"layers.{index}.", f"layers.{index - layers[0]}.")] = value
-            elif (
-                key.startswith("embedding.") and first or not key.startswith("embedding.") and last
+            elif (key.startswith("embedding.") and first) or (
+                not key.startswith("embedding.") and last
             ):
                 out[key] = value
         return out
