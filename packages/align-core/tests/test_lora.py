@@ -196,3 +196,19 @@ def test_config_validation():
     with pytest.raises(ValueError, match="rank"):
         LoraConfig(rank=0)
     assert LoraConfig(rank=8, alpha=16).scale == 2.0
+
+
+def test_adapters_round_trip_through_a_distributed_checkpoint(dist_ctx, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    model = _model()
+    add_lora(model, LORA)
+    _perturb(model, seed=8)
+    adapted = _logits(model)
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
+    other = _model(seed=1)
+    add_lora(other, LORA)
+    loaded = dist_checkpointing.load(other.sharded_state_dict(), str(tmp_path / "ckpt"))
+    other.load_state_dict(loaded)
+    assert torch.equal(_logits(other), adapted)

@@ -221,3 +221,19 @@ def test_unsupported_architecture_is_an_error(tmp_path):
     (root / "model_config.yaml").write_text(yaml.safe_dump({"model": cfg}))
     with pytest.raises(UnsupportedNemoConfigError, match="num_moe_experts=8"), open_nemo(root):
         pass
+
+
+def test_build_tokenizer_through_align_data(tmp_path):
+    pytest.importorskip("tokenizers")
+    from align_core.nemo import build_tokenizer
+
+    path = write_tiny_nemo(tmp_path / "t.nemo", SMALL)
+    with open_nemo(path) as ckpt:
+        tok = build_tokenizer(ckpt.tokenizer)
+    assert tok.vocab_size == SMALL.vocab_size
+    vocab = json.loads(
+        write_byte_bpe_files(tmp_path / "v", SMALL.vocab_size).vocab_file.read_text()
+    )
+    assert tok.eos_id == vocab["<|endoftext|>"] == SMALL.vocab_size - 1
+    text = "The reference policy stays fixed."
+    assert tok.decode(tok.encode(text)) == text

@@ -3,8 +3,7 @@
 NeMo stores tokenizer files inside the archive as ``<uuid4hex>_<basename>`` and refers to them
 from the config as ``nemo:<uuid4hex>_<basename>`` (keys ``model``, ``vocab_file`` and
 ``merge_file``). `TokenizerSpec` is the resolved, typed form: which library and type, and real
-paths of the files. Building the tokenizer object itself is the job of ``align_data``; see
-`build_tokenizer`.
+paths of the files. `build_tokenizer` turns it into an ``align_data`` tokenizer.
 
 `write_byte_bpe_files` writes a small GPT-2-style byte-level BPE vocabulary (``vocab.json`` and
 ``merges.txt``, NeMo's ``megatron``/``GPT2BPETokenizer`` layout) for tiny test checkpoints.
@@ -148,21 +147,23 @@ def tokenizer_to_nemo(spec: TokenizerSpec, staging: Path) -> dict[str, Any]:
     return section
 
 
-def build_tokenizer(spec: TokenizerSpec) -> Any:
-    """Build the tokenizer object through ``align_data``.
+def build_tokenizer(spec: TokenizerSpec | None, *, chat_template: Any = None) -> Any:
+    """Build the `align_data.Tokenizer` a `.nemo` describes, via ``tokenizer_from_nemo_spec``.
+
+    Call it while the archive is still open (inside `open_nemo`'s block): the artifact files are
+    read here. Hugging Face and GPT-2 BPE tokenizers need ``align-data[hf]``, sentencepiece
+    ``align-data[sentencepiece]``.
+
+    Args:
+        spec: The checkpoint's tokenizer description; None gives align_data's byte tokenizer.
+        chat_template: An ``align_data.ChatTemplate``; default the tokenizer's own, if any.
 
     Raises:
-        NotImplementedError: ``align_data`` does not yet expose a constructor for NeMo tokenizer
-            descriptions; callers build the tokenizer from `TokenizerSpec` themselves.
+        ValueError: For a description without the files align_data needs (nothing is downloaded).
     """
-    try:
-        from align_data import tokenizer_from_nemo_spec  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise NotImplementedError(
-            "align_data does not provide tokenizer_from_nemo_spec yet; build the tokenizer from "
-            f"the TokenizerSpec fields (library={spec.library!r}, files={spec.files()})"
-        ) from exc
-    return tokenizer_from_nemo_spec(spec)
+    from align_data import tokenizer_from_nemo_spec
+
+    return tokenizer_from_nemo_spec(spec, chat_template=chat_template)
 
 
 # --- a tiny byte-level BPE vocabulary ---------------------------------------------------------
