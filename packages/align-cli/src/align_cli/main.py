@@ -222,9 +222,9 @@ def plot(
 
 
 def _console() -> object:
-    from rich.console import Console
+    from align_cli.progress import make_console
 
-    return Console(soft_wrap=True)
+    return make_console()
 
 
 _Files = Annotated[list[str], typer.Argument(help="JSONL or Parquet files.")]

@@ -160,28 +160,14 @@ class DataPlan:
     sources: str
 
 
-def _tokenizer_for(run: Any) -> Any:
-    if run.restore_from_path is None:
-        from align_data import ByteTokenizer
+def model_source(run: Any) -> Any:
+    """The architecture and tokenizer the trainer will use (align-core's own resolution)."""
+    from align_core.trainer.build import resolve_model_source
 
-        return ByteTokenizer()
-    from align_cli.commands.data import load_tokenizer
-
-    return load_tokenizer(run.restore_from_path)
-
-
-def _seq_length(run: Any) -> int:
-    if run.data.seq_length is not None:
-        return run.data.seq_length
-    if run.model is not None:
-        return run.model.seq_length
-    if run.restore_from_path is None:
-        from align_core.config import ModelConfig
-
-        return ModelConfig().seq_length
-    from align_cli.config.restore import read_model_config
-
-    return read_model_config(run.restore_from_path).seq_length
+    try:
+        return resolve_model_source(run)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_length: int) -> Any:
@@ -197,14 +183,18 @@ def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_lengt
     return preprocess(files, tokenizer, tmp, config).summary
 
 
-def plan_data(run: Any) -> DataPlan:
+def plan_data(run: Any, source: Any) -> DataPlan:
     """Validate and tokenize the run's data (or the synthetic task) into a temporary directory.
+
+    Args:
+        run: align-core's run configuration.
+        source: `model_source` of the run (architecture and tokenizer).
 
     Raises:
         align_data.DataError: The first malformed record (strict mode), as ``file:line: ...``.
     """
-    tokenizer = _tokenizer_for(run)
-    max_length = _seq_length(run)
+    tokenizer = source.tokenizer
+    max_length = run.data.seq_length or source.model.seq_length
     with tempfile.TemporaryDirectory(prefix="align-dry-run-") as tmp:
         root = Path(tmp)
         if run.data.train_files:
@@ -286,7 +276,8 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             f"model.micro_batch_size × data-parallel size = {run.data.micro_batch_size} × {dp}"
         )
     accumulation = run.data.global_batch_size // per_step
-    data = plan_data(run)
+    source = model_source(run)
+    data = plan_data(run, source)
     val_batches = data.val_examples // run.data.global_batch_size
     try:
         steps = plan_steps(
@@ -297,15 +288,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    model = run.model
-    if model is None and run.restore_from_path is not None:
-        from align_cli.config.restore import read_model_config
-
-        model = read_model_config(run.restore_from_path)
-    elif model is None:
-        from align_core.config import ModelConfig
-
-        model = ModelConfig()
+    model = source.model
     reference = _resolved_reference(run)
     sequences = {"dpo": 2, "kto": 2, "sft": 1}[run.algorithm]
     memory = estimate_memory(

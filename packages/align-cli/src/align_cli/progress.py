@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from align_core.trainer import RunPlan, RunResult
 
-__all__ = ["ProgressSink", "format_metric"]
+__all__ = ["ProgressSink", "format_metric", "make_console"]
 
 _SUMMARY_METRICS = (
     "loss",
@@ -37,6 +38,14 @@ _STOP_WORDS = {
     "sigterm": "stopped by SIGTERM (checkpoint saved)",
     "nonfinite": "stopped on a non-finite loss or gradient",
 }
+
+
+def make_console() -> Console:
+    """A console for run output: 120 columns when stdout is not a terminal (logs, CI)."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=120)
+    return console
 
 
 def format_metric(name: str, value: float | None) -> str:
@@ -74,7 +83,7 @@ class ProgressSink:
     """
 
     def __init__(self, console: Console | None = None, title: str = "train") -> None:
-        self.console = console or Console()
+        self.console = console or make_console()
         self.title = title
         self._progress: Progress | None = None
         self._task: Any = None

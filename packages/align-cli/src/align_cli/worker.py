@@ -12,7 +12,10 @@ gradient, 2 for bad data or configuration (one line naming the file:line or the 
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
     from align_cli.config import Composed
 
-__all__ = ["EXIT_CODES", "main", "make_sinks", "run_worker"]
+__all__ = ["EXIT_CODES", "main", "make_sinks", "quiet_library_warnings", "run_worker"]
 
 EXIT_CODES = {"completed": 0, "max_time": 0, "sigterm": 143, "nonfinite": 1}
 """Exit status by `align_core.trainer.RunResult.stop_reason`."""
@@ -57,6 +60,20 @@ def _title(run_dir: Path) -> str:
         return "align run"
 
 
+def quiet_library_warnings() -> None:
+    """Hide import-time warnings about optional CUDA libraries (Apex, TE, the CUDA runtime).
+
+    They say nothing a user can act on when training on CPU or without those libraries;
+    ``ALIGN_DEBUG=1`` keeps them.
+    """
+    if os.environ.get("ALIGN_DEBUG") == "1":
+        return
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron(\.|$)")
+        warnings.filterwarnings("ignore", category=category, module=r"torch\.distributed")
+
+
 def run_worker(
     run_dir: Path,
     *,
@@ -77,6 +94,7 @@ def run_worker(
     from align_cli.config import compose, to_run_config
     from align_cli.config.restore import base_model_for
 
+    quiet_library_warnings()
     if launcher() == "slurm":
         prepare_slurm_env()
     info = read_run_info(run_dir)

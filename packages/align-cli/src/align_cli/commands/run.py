@@ -23,6 +23,7 @@ from align_cli.config.presets import DEMO, VARIANTS, algorithm_of, check_variant
 from align_cli.config.restore import base_model_for
 from align_cli.errors import UsageError
 from align_cli.launch import LaunchOptions, launcher, run_torchrun
+from align_cli.progress import make_console
 from align_cli.rundir import (
     CONFIG_FILE,
     RUN_FILE,
@@ -228,7 +229,7 @@ def write_run_dir(prepared: Prepared, options: RunOptions) -> None:
 
 def execute(options: RunOptions, console: Console | None = None) -> int:
     """Run ``align run <command>``; return the exit status."""
-    console = console or Console()
+    console = console or make_console()
     prepared = prepare(options)
     for note in prepared.composed.notes:
         console.print(f"note: {note}", highlight=False)

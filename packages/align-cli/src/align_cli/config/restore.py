@@ -10,8 +10,11 @@ from align_cli.errors import ConfigError
 __all__ = ["base_model_for", "read_model_config"]
 
 
-def read_model_config(path: str) -> Any:
+def read_model_config(path: str, tensor_parallel_size: int = 1) -> Any:
     """The `align_core.ModelConfig` stored in a ``.nemo`` file or directory.
+
+    The vocabulary is the checkpoint's embedding rows, padded so that they split over
+    ``tensor_parallel_size`` ranks as saved (align-core's ``model_config_for``).
 
     Raises:
         ConfigError: The file cannot be read as a NeMo GPT checkpoint.
@@ -20,7 +23,7 @@ def read_model_config(path: str) -> Any:
 
     try:
         with open_nemo(path) as checkpoint:
-            return checkpoint.model_config
+            return checkpoint.model_config_for(tensor_parallel_size)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"pretrained_checkpoint.restore_from_path: {exc}",
@@ -37,4 +40,4 @@ def base_model_for(tree: Any) -> Any:
     path = tree.pretrained_checkpoint.restore_from_path
     if path is None or not model_overrides(tree):
         return None
-    return read_model_config(path)
+    return read_model_config(path, tree.model.tensor_model_parallel_size)

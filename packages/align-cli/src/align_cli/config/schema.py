@@ -379,6 +379,11 @@ def to_run_config(
     changes = model_overrides(tree)
     restore = tree.pretrained_checkpoint.restore_from_path
     if restore is None:
+        if changes and "vocab_size" not in changes:
+            # A fresh model uses the byte tokenizer; its vocabulary has to fit.
+            from align_data import ByteTokenizer
+
+            changes["vocab_size"] = ByteTokenizer().vocab_size
         model = _model_config(changes) if changes else None  # None: the trainer's tiny default
     elif changes:
         if base_model is None:
