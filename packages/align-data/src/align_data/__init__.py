@@ -70,7 +70,7 @@ from align_data.packing import (
     plan_packs,
     unpack,
 )
-from align_data.preprocess import PreprocessConfig, dataset_fingerprint, preprocess
+from align_data.preprocessing import PreprocessConfig, dataset_fingerprint, preprocess
 from align_data.progress import ProgressPrinter
 from align_data.records import (
     Kind,
