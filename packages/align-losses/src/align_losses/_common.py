@@ -47,6 +47,13 @@ def _row_blocks(x: Tensor, first_row: int = 0) -> Iterator[tuple[int, Tensor]]:
         yield from _row_blocks(x[i], first_row + i * rows_per_item)
 
 
+def chunk_rows(x: Tensor, buffers: int = 1) -> int:
+    """Rows per chunk used by :func:`row_chunks` for ``x[..., V]`` (at most the row count)."""
+    vocab = max(x.shape[-1], 1)
+    total = x.numel() // vocab if x.shape[-1] else 0
+    return max(1, min(total, CHUNK_ELEMENTS // (vocab * max(buffers, 1))))
+
+
 def row_chunks(x: Tensor, buffers: int = 1) -> Iterator[tuple[slice, Tensor]]:
     """Iterate over ``x[..., V]`` as 2-D row chunks without copying it.
 
@@ -57,24 +64,28 @@ def row_chunks(x: Tensor, buffers: int = 1) -> Iterator[tuple[slice, Tensor]]:
 
     Yields:
         ``(rows, chunk)``: the slice of flattened row indices and a ``[len(rows), V]`` view.
+        No chunk has more than ``chunk_rows(x, buffers)`` rows.
     """
-    vocab = max(x.shape[-1], 1)
-    step = max(1, CHUNK_ELEMENTS // (vocab * max(buffers, 1)))
+    step = chunk_rows(x, buffers)
     for first, block in _row_blocks(x):
         for start in range(0, block.shape[0], step):
             chunk = block[start : start + step]
             yield slice(first + start, first + start + chunk.shape[0]), chunk
 
 
-def logsumexp_parts(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Row-wise log-sum-exp of a 2-D tensor as ``(shift, log_sum)`` with lse = shift + log_sum.
+class Workspace:
+    """One reusable ``[rows, cols]`` buffer: views of it replace per-chunk temporaries.
 
-    Keeping the two parts apart, and subtracting the shift from a logit before the log-sum, is
-    what makes ``z − lse`` as accurate as ``log_softmax`` when the logits are large (|z| ~ 1e4 in
-    float32 would otherwise lose three decimal digits). Rows of ``−inf`` give shift 0 and
-    ``log_sum = −inf``.
+    Allocating a fresh chunk-sized tensor per chunk costs page faults on every chunk on CPU;
+    reusing one buffer for the whole call avoids that.
     """
-    shift = x.amax(dim=-1)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    log_sum = (x - shift.unsqueeze(-1)).exp_().sum(dim=-1).log_()
-    return shift, log_sum
+
+    def __init__(self, cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._cols, self._dtype, self._device = cols, dtype, device
+        self._buf: Tensor | None = None
+
+    def rows(self, n: int) -> Tensor:
+        """Return an uninitialised ``[n, cols]`` view, growing the buffer if needed."""
+        if self._buf is None or self._buf.shape[0] < n:
+            self._buf = torch.empty(n, self._cols, dtype=self._dtype, device=self._device)
+        return self._buf[:n]

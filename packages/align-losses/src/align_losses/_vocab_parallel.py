@@ -31,8 +31,10 @@ def combine_logsumexp(
 ) -> tuple[Tensor, Tensor]:
     """Combine per-rank log-sum-exps into the log-sum-exp over the whole vocabulary.
 
-    Each rank's log-sum-exp over its slice is ``shift + log_sum`` (see
-    ``_common.logsumexp_parts``). With ``m = max_r shift_r`` (all-reduce max) and
+    Each rank's log-sum-exp over its slice is ``shift + log_sum``, with ``shift`` the row max
+    and ``log_sum = log Σ exp(z − shift)``: keeping the two apart, and subtracting the shift from
+    a logit before the log-sum, keeps ``z − lse`` as accurate as ``log_softmax`` at large logits.
+    With ``m = max_r shift_r`` (all-reduce max) and
     ``s = Σ_r exp((shift_r − m) + log_sum_r)`` (all-reduce sum) the global one is
     ``m + log s``, again returned as the pair ``(m, log s)``.
 

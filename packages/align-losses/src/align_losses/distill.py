@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align_losses._common import compute_dtype, row_chunks, upcast
+from align_losses._common import Workspace, compute_dtype, row_chunks, upcast
 from align_losses._vocab_parallel import (
     ProcessGroup,
     all_gather_cat,
@@ -80,27 +80,26 @@ class _TopKTailLogProbs(torch.autograd.Function):
         cdt = compute_dtype(logits.dtype)
         flat_ids = ids.reshape(-1, top_k)
         columns, owned = owned_columns(flat_ids, vocab_start, vocab_local)
-        # Ids this rank does not own point at an extra, ignored column of the work buffer.
         padded = torch.where(owned, columns, torch.full_like(columns, vocab_local))
 
         num_rows = flat_ids.shape[0]
         # Per row: shift, log Σ_v exp(s·z_v − shift), log Σ_{v ∉ ids} exp(s·z_v − shift).
         parts = torch.empty(num_rows, 3, dtype=cdt, device=logits.device)
-        for rows, chunk in row_chunks(logits, buffers=1):
-            work = torch.empty(chunk.shape[0], vocab_local + 1, dtype=cdt, device=logits.device)
-            scaled = work[:, :vocab_local]
-            scaled.copy_(chunk)
-            if scale != 1.0:
-                scaled.mul_(scale)
+        # Ids this rank does not own were pointed at the extra last column of the buffer.
+        work = Workspace(vocab_local + 1, cdt, logits.device)
+        for rows, chunk in row_chunks(logits):
+            buf = work.rows(chunk.shape[0])
+            scaled = buf[:, :vocab_local]
+            torch.mul(chunk, scale, out=scaled)
             shift = scaled.amax(dim=1, keepdim=True)
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
             scaled.sub_(shift).exp_()
-            work[:, vocab_local] = 0.0
+            buf[:, vocab_local] = 0.0
             parts[rows, 0] = shift.squeeze(1)
-            parts[rows, 1] = torch.log(work.sum(dim=1))
-            work.scatter_(1, padded[rows], 0.0)
-            parts[rows, 2] = torch.log(work.sum(dim=1))
-            del work, scaled
+            parts[rows, 1] = buf.sum(dim=1).log_()
+            buf.scatter_(1, padded[rows], 0.0)
+            parts[rows, 2] = buf.sum(dim=1).log_()
+        del work
         shifts, log_sums = combine_logsumexp(
             parts[:, :1].expand(-1, 2).contiguous(), parts[:, 1:].contiguous(), group
         )
@@ -143,29 +142,29 @@ class _TopKTailLogProbs(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, vocab_local)
         direct = cdt == logits.dtype
-        for rows, chunk in row_chunks(logits, buffers=2 if direct else 3):
+        work = Workspace(vocab_local + 1, cdt, logits.device)
+        low = None if direct else Workspace(vocab_local, cdt, logits.device)
+        for rows, chunk in row_chunks(logits, buffers=1 if direct else 2):
             out = grad_rows[rows]
-            buf = out if direct else torch.empty(out.shape, dtype=cdt, device=out.device)
-            work = torch.empty(chunk.shape[0], vocab_local + 1, dtype=cdt, device=logits.device)
-            scaled = work[:, :vocab_local]
-            scaled.copy_(chunk)
-            if scale != 1.0:
-                scaled.mul_(scale)
-            # With s = softmax(scale·z), L = log q over the K ids and the tail:
+            buf = out if low is None else low.rows(chunk.shape[0])
+            padded_work = work.rows(chunk.shape[0])
+            scaled = padded_work[:, :vocab_local]
+            # With s = softmax(scale·z) and G = dL/d(log q) over the K ids and the tail:
             # dL/d(scale·z_v) = G_i·1[v = id_i] + G_tail·1[v ∉ ids]·exp(scale·z_v − LSE_tail)
             #                   − s_v·Σ_c G_c
+            torch.mul(chunk, scale, out=scaled)
             scaled.sub_(shift[rows])
             torch.sub(scaled, log_total[rows], out=buf)
             buf.exp_().mul_(-g_sum[rows])
             scaled.sub_(log_tail[rows]).exp_()
-            work.scatter_(1, padded[rows], 0.0)
+            padded_work.scatter_(1, padded[rows], 0.0)
             buf.addcmul_(scaled, g_tail[rows])
             buf.scatter_add_(1, columns[rows], g_ids[rows])
             if scale != 1.0:
                 buf.mul_(scale)
-            if not direct:
+            if low is not None:
                 out.copy_(buf)
-            del work, scaled
+        del work, low
         return grad, None, None, None, None
 
 

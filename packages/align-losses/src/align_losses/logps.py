@@ -1,10 +1,9 @@
 """Token and sequence log-probabilities, memory-lean and vocabulary-parallel.
 
 ``token_logps`` equals ``log_softmax(logits).gather(labels)`` in value and gradient but keeps
-only the logits (which the caller holds anyway) and two floats per token (the log-sum-exp, kept
-as a shift and a log-sum) for backward; the softmax is recomputed chunk by chunk when the
-gradient is needed. ``chunked_linear_logps`` goes
-one step further and never materialises the ``[N, V]`` logits at all.
+only the logits (which the caller holds anyway) for backward, plus one float per token over a
+vocabulary-parallel group; the softmax is recomputed chunk by chunk when the gradient is needed.
+``chunked_linear_logps`` goes one step further and never materialises the ``[N, V]`` logits.
 
 Dtypes: arithmetic runs in float32 for float32/bfloat16/float16 inputs and in float64 for
 float64 inputs; the returned log-probs are in that compute dtype (float32 for half-precision
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_losses._common import compute_dtype, logsumexp_parts, row_chunks
+from align_losses._common import Workspace, compute_dtype, row_chunks
 from align_losses._vocab_parallel import (
     ProcessGroup,
     all_reduce,
@@ -37,7 +36,13 @@ def _check_labels(labels: Tensor) -> None:
 
 
 class _TokenLogps(torch.autograd.Function):
-    """``log_softmax(logits)[label]`` saving only logits, labels and the log-sum-exp."""
+    """``log_softmax(logits)[label]`` saving only the logits and the labels.
+
+    Forward and backward walk the rows a chunk at a time with torch's fused ``log_softmax`` /
+    ``softmax`` kernels writing into one reused buffer (backward writes straight into the
+    gradient when the dtypes allow). Over a vocabulary-parallel group the local softmax is
+    rescaled by ``exp(local lse − global lse)``, one float per token.
+    """
 
     @staticmethod
     def forward(
@@ -51,45 +56,64 @@ class _TokenLogps(torch.autograd.Function):
         vocab_local = logits.shape[-1]
         cdt = compute_dtype(logits.dtype)
         flat_labels = labels.reshape(-1)
+        num_rows = flat_labels.shape[0]
         valid = flat_labels != ignore_index
         columns, owned = owned_columns(flat_labels, vocab_start, vocab_local)
         owned = owned & valid
 
-        shift = torch.empty(flat_labels.shape[0], dtype=cdt, device=logits.device)
-        log_sum = torch.empty_like(shift)
+        log_probs = torch.empty(num_rows, dtype=cdt, device=logits.device)
+        if group is not None:
+            shift = torch.empty_like(log_probs)
+            log_sum = torch.empty_like(log_probs)
+        work = Workspace(vocab_local, cdt, logits.device)
         for rows, chunk in row_chunks(logits):
-            shift[rows], log_sum[rows] = logsumexp_parts(chunk.to(cdt))
-        shift, log_sum = combine_logsumexp(shift, log_sum, group)
+            buf = work.rows(chunk.shape[0])
+            torch.log_softmax(chunk, -1, dtype=cdt, out=buf)
+            if group is None:
+                log_probs[rows] = buf.gather(1, columns[rows].unsqueeze(1)).squeeze(1)
+            else:
+                # log_softmax at the row max is exactly −log Σ exp(z − max).
+                shift[rows] = chunk.amax(dim=-1).to(cdt)
+                log_sum[rows] = buf.amax(dim=-1).neg_()
+        del work
 
-        target = gather_owned(
-            logits, columns.view(*labels.shape, 1), owned.view(*labels.shape, 1), group
-        )
-        target = target.reshape(-1).to(cdt)
-        out = torch.where(valid, (target - shift) - log_sum, torch.zeros_like(shift))
+        if group is None:
+            factor = None
+        else:
+            global_shift, global_log_sum = combine_logsumexp(shift, log_sum, group)
+            target = gather_owned(
+                logits, columns.view(*labels.shape, 1), owned.view(*labels.shape, 1), group
+            )
+            log_probs = (target.reshape(-1).to(cdt) - global_shift) - global_log_sum
+            # softmax over the whole vocabulary = local softmax · exp(local lse − global lse)
+            factor = torch.exp((shift - global_shift) + (log_sum - global_log_sum))
+        out = torch.where(valid, log_probs, torch.zeros_like(log_probs))
 
-        ctx.save_for_backward(logits, columns, owned, valid, shift, log_sum)
+        ctx.save_for_backward(logits, columns, owned, valid, factor)
         return out.view(labels.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        logits, columns, owned, valid, shift, log_sum = ctx.saved_tensors
+        logits, columns, owned, valid, factor = ctx.saved_tensors
         vocab_local = logits.shape[-1]
-        cdt = shift.dtype
+        cdt = compute_dtype(logits.dtype)
         g = grad_out.reshape(-1).to(cdt)
         g = torch.where(valid, g, torch.zeros_like(g))
         g_target = torch.where(owned, g, torch.zeros_like(g)).unsqueeze(1)
+        coef = (-g if factor is None else -g * factor).unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, vocab_local)
         direct = cdt == logits.dtype
-        for rows, chunk in row_chunks(logits, buffers=1 if direct else 2):
+        work = None if direct else Workspace(vocab_local, cdt, logits.device)
+        for rows, chunk in row_chunks(logits):
             out = grad_rows[rows]
-            buf = out if direct else torch.empty(out.shape, dtype=cdt, device=out.device)
+            buf = out if work is None else work.rows(chunk.shape[0])
             # d log p_y / d z_v = 1[v = y] − softmax(z)_v, times the upstream gradient.
-            torch.sub(chunk, shift[rows].unsqueeze(1), out=buf)
-            buf.sub_(log_sum[rows].unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
+            torch.softmax(chunk, -1, dtype=cdt, out=buf)
+            buf.mul_(coef[rows])
             buf.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
-            if not direct:
+            if work is not None:
                 out.copy_(buf)
         return grad, None, None, None, None
 
@@ -109,7 +133,7 @@ def token_logps(
     and 0 where ``y_t == ignore_index``. Labels must already be aligned with the logits (for a
     causal LM: ``logits[:, :-1]`` with ``labels[:, 1:]``). The result equals
     ``log_softmax(logits, -1).gather(-1, labels)`` in value and gradient, but the backward pass
-    keeps only ``logits`` (no ``[..., V]`` log-softmax or softmax) plus two floats per token, and
+    keeps only ``logits`` (no ``[..., V]`` log-softmax or softmax) and the labels, and
     recomputes the softmax a chunk of rows at a time.
 
     Vocabulary parallelism (Megatron-LM, https://arxiv.org/abs/1909.08053): with ``group`` set,
@@ -186,7 +210,11 @@ def sequence_logps(
 
 
 class _ChunkedLinearLogps(torch.autograd.Function):
-    """Token log-probs from hidden states and the output weight, a chunk of tokens at a time."""
+    """Token log-probs from hidden states and the output weight, a chunk of tokens at a time.
+
+    Each chunk's logits are written into one reused ``[chunk_size, V]`` buffer (matmul with
+    ``out=``) and turned into log-sum-exps / softmax gradients in place.
+    """
 
     @staticmethod
     def forward(
@@ -209,12 +237,16 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         shift = torch.empty(num_tokens, dtype=cdt, device=hidden.device)
         log_sum = torch.empty_like(shift)
         target = torch.empty_like(shift)
+        work = Workspace(vocab_local, cdt, hidden.device)
+        low = None if cdt == hidden.dtype else Workspace(vocab_local, hidden.dtype, hidden.device)
         for start in range(0, num_tokens, chunk_size):
             rows = slice(start, min(start + chunk_size, num_tokens))
-            logits = (hidden[rows] @ weight.t()).to(cdt)
-            shift[rows], log_sum[rows] = logsumexp_parts(logits)
+            logits = _chunk_logits(hidden[rows], weight, work, low)
             target[rows] = logits.gather(1, columns[rows].unsqueeze(1)).squeeze(1)
-            del logits
+            row_max = logits.amax(dim=1, keepdim=True)
+            shift[rows] = row_max.squeeze(1)
+            log_sum[rows] = logits.sub_(row_max).exp_().sum(dim=1).log_()
+        del work, low
         target = torch.where(owned, target, torch.zeros_like(target))
         shift, log_sum = combine_logsumexp(shift, log_sum, group)
         target = all_reduce(target, dist.ReduceOp.SUM, group)
@@ -232,36 +264,52 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         hidden, weight, columns, owned, valid, shift, log_sum = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
+        vocab_local = weight.shape[0]
         cdt = shift.dtype
         g = torch.where(valid, grad_out.to(cdt), torch.zeros_like(shift))
         g_target = torch.where(owned, g, torch.zeros_like(g)).unsqueeze(1)
+        neg_g = g.neg().unsqueeze(1)
+        shift, log_sum = shift.unsqueeze(1), log_sum.unsqueeze(1)
 
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Half-precision weight gradients are accumulated across chunks in float32.
         grad_weight = (
             torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_weight else None
         )
+        work = Workspace(vocab_local, cdt, hidden.device)
+        low = None if cdt == hidden.dtype else Workspace(vocab_local, hidden.dtype, hidden.device)
+        partial = None
         for start in range(0, num_tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
             h = hidden[rows]
-            d = (h @ weight.t()).to(cdt)
-            d.sub_(shift[rows].unsqueeze(1)).sub_(log_sum[rows].unsqueeze(1)).exp_()
-            d.mul_(-g[rows].unsqueeze(1))
+            d = _chunk_logits(h, weight, work, low)
+            # g·(onehot − softmax), with softmax = exp((z − shift) − log_sum).
+            d.sub_(shift[rows]).sub_(log_sum[rows]).exp_().mul_(neg_g[rows])
             d.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
-            d = d.to(weight.dtype)
+            if low is not None:
+                d = low.rows(d.shape[0]).copy_(d)
             if grad_hidden is not None:
                 torch.mm(d, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                if grad_weight.dtype == weight.dtype:
+                if low is None:
                     grad_weight.addmm_(d.t(), h)
                 else:
-                    grad_weight.add_(d.t() @ h)
-            del d
+                    partial = torch.mm(d.t(), h, out=partial)
+                    grad_weight.add_(partial)
+        del work, low, partial
         if grad_hidden is not None:
             all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, work: Workspace, low: Workspace | None) -> Tensor:
+    """``hidden @ weight.T`` in the input dtype, returned in the compute dtype in ``work``."""
+    if low is None:
+        return torch.mm(hidden, weight.t(), out=work.rows(hidden.shape[0]))
+    logits = torch.mm(hidden, weight.t(), out=low.rows(hidden.shape[0]))
+    return work.rows(hidden.shape[0]).copy_(logits)
 
 
 def chunked_linear_logps(
