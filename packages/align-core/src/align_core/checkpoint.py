@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import re
 import shutil
 from collections.abc import Callable, Mapping
@@ -111,6 +112,22 @@ def _write_atomically(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _in_process_write_results() -> None:
+    """Give megatron's synchronous ``torch_dist`` writer an in-process results queue.
+
+    upstream: ``filesystem_async._get_write_results_queue()`` starts a spawn-context
+    ``multiprocessing.Manager`` (a server process that re-imports ``__main__``) the first time a
+    process writes a checkpoint. Synchronous saves (the only kind used here) put and get the
+    write results in the saving process itself, so a ``queue.Queue`` does the same job without
+    the server's start-up cost, without requiring an ``if __name__ == "__main__"`` guard in
+    launcher scripts, and without leaving the server orphaned when a training process is killed.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _rebind(template: dict[str, Any], prefix: str, state: Mapping[str, torch.Tensor]) -> dict:
@@ -223,6 +240,7 @@ class Checkpointer:
         """
         from megatron.core import dist_checkpointing
 
+        _in_process_write_results()
         extra_models = dict(extra_models or {})
         tmp = self.directory / f"tmp.step_{step:06d}"
         if dist.get_rank() == 0:

@@ -162,6 +162,10 @@ def build_optimizer(
         clip_grad=max(clip_grad, 0.0),
     )
     optimizer = get_megatron_optimizer(megatron_config, chunks)
+    # megatron marks biases and norms with wd_mult = 0 but leaves applying it to its own LR
+    # scheduler, which align does not use.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = config.weight_decay * group.get("wd_mult", 1.0)
     if model_config.fp16:
         # The schedules multiply each micro-batch loss by the current loss scale.
         for chunk in chunks:

@@ -1,0 +1,144 @@
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from align_core import (
+    Checkpointer,
+    ModelConfig,
+    OptimizerConfig,
+    build_gpt_model,
+    build_optimizer,
+    seed_all,
+    train_step,
+    wrap_ddp,
+)
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+sys.path.insert(0, str(SCRIPTS))
+import _common as c  # noqa: E402
+
+
+def _trainable(seed):
+    seed_all(seed)
+    model = wrap_ddp(build_gpt_model(ModelConfig()))
+    return model, build_optimizer(model, OptimizerConfig(lr=1e-3), clip_grad=1.0)
+
+
+def _step(model, optimizer, data_seed):
+    tokens, labels = c.data(seed=data_seed)
+    result = train_step(
+        model, optimizer, c.micro_batches(tokens, labels, 2), c.forward(), c.loss_fn, lr=1e-3
+    )
+    return float(sum(o["loss"] for o in result.outputs))
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.module.named_parameters()}
+
+
+def test_resume_gives_the_uninterrupted_next_step_loss(dist_ctx, tmp_path):
+    model, optimizer = _trainable(1)
+    for s in (1, 2):
+        _step(model, optimizer, s)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt.save(2, model, optimizer, trainer_state={"step": 2}, extra_state={"sampler": [3, 1]})
+    saved_params = _params(model)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    ckpt.save(3, model, optimizer, trainer_state={"step": 3})  # saves these RNG states
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    uninterrupted = [_step(model, optimizer, s) for s in (3, 4)]
+
+    fresh, fresh_opt = _trainable(2)  # different initial weights
+    info = ckpt.load(fresh, fresh_opt, step=2)
+    assert info.step == 2 and info.trainer_state == {"step": 2}
+    assert info.extra_state == {"sampler": [3, 1]}
+    assert info.rng_restored and info.optimizer_restored
+    for name, p in _params(fresh).items():
+        assert torch.equal(p, saved_params[name]), name
+
+    info = ckpt.load(fresh, fresh_opt)  # the newest: step 3, with its RNG states
+    assert info.step == 3
+    assert (random.random(), np.random.rand()) == draws[:2]
+    assert torch.equal(torch.rand(3), draws[2])
+    resumed = [_step(fresh, fresh_opt, s) for s in (3, 4)]
+    assert resumed == uninterrupted
+
+
+def test_layout_of_the_directory_and_keep_last(dist_ctx, tmp_path):
+    model, optimizer = _trainable(3)
+    ckpt = Checkpointer(tmp_path / "run", keep_last=2)
+    assert ckpt.latest_step() is None and ckpt.load(model) is None
+    for step in (10, 20, 30):
+        ckpt.save(step, model)
+    assert ckpt.steps() == [20, 30]
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step_000030"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "latest",
+        "step_000020",
+        "step_000030",
+    ]
+    with pytest.raises(FileNotFoundError):
+        ckpt.load(model, step=10)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        ckpt.load(model, optimizer)
+    with pytest.raises(ValueError, match="keep_last"):
+        Checkpointer(tmp_path, keep_last=0)
+
+
+def test_extra_models_as_module_and_as_state_dict(dist_ctx, tmp_path):
+    model, _ = _trainable(4)
+    seed_all(5)
+    reference = build_gpt_model(ModelConfig())
+    cpu_copy = {k: v.clone() for k, v in reference.state_dict().items() if torch.is_tensor(v)}
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(1, model, extra_models={"reference": reference, "snapshot": cpu_copy})
+
+    seed_all(6)
+    into_module = build_gpt_model(ModelConfig())
+    into_state = {k: torch.zeros_like(v) for k, v in cpu_copy.items()}
+    ckpt.load(model, extra_models={"reference": into_module, "snapshot": into_state})
+    for k, v in reference.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(into_module.state_dict()[k], v), k
+            assert torch.equal(into_state[k], v), k
+    with pytest.raises(KeyError, match="missing"):
+        ckpt.load(model, extra_models={"missing": into_module})
+
+
+def test_killed_mid_save_leaves_the_previous_checkpoint_resumable(dist_ctx, tmp_path):
+    ckpt_dir, result = tmp_path / "ckpt", tmp_path / "result.json"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "train_and_crash.py"), str(ckpt_dir), str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    losses = json.loads(result.read_text())["losses"]
+    assert len(losses) == 2
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["latest", "step_000001", "tmp.step_000002"]
+    assert (ckpt_dir / "latest").read_text().strip() == "step_000001"
+
+    ckpt = Checkpointer(ckpt_dir, keep_last=2)
+    model, optimizer = _trainable(7)
+    info = ckpt.load(model, optimizer)
+    assert info.step == 1
+    assert _step(model, optimizer, 2) == pytest.approx(losses[1], rel=1e-6, abs=1e-6)
+    ckpt.save(2, model, optimizer)  # the next save clears the debris
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_000001", "step_000002"]
