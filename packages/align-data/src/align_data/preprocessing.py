@@ -236,6 +236,8 @@ def _execute(
         }
         for future in as_completed(futures):
             index = futures[future]
+            if future.cancelled():
+                continue
             exc = future.exception()
             if exc is not None:
                 errors[index] = exc
