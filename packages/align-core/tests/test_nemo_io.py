@@ -246,6 +246,23 @@ def test_mismatched_model_is_a_clear_error(dist_ctx, tmp_path):
             load_nemo_weights(build_gpt_model(ckpt.model_config.replace(vocab_size=500)), ckpt)
 
 
+def test_checkpoint_parameters_the_model_lacks_are_an_error(dist_ctx, tmp_path):
+    from align_core.nemo import load_nemo_weights
+
+    path = write_tiny_nemo(
+        tmp_path / "gpt.nemo", GPT.replace(share_embeddings_and_output_weights=False)
+    )
+    with open_nemo(path) as ckpt:
+        rope_tied = ckpt.model_config.replace(
+            position_embedding_type="rope", share_embeddings_and_output_weights=True
+        )
+        with pytest.raises(
+            NemoFormatError, match=r"unexpected \[.*position_embeddings.*output_layer"
+        ):
+            load_nemo_weights(build_gpt_model(rope_tied), ckpt)
+        load_nemo_weights(build_gpt_model(rope_tied), ckpt, strict=False)
+
+
 def test_vocab_padding_is_refit_for_other_tensor_parallel_sizes(dist_ctx, tmp_path):
     from align_core import padded_vocab_size
 

@@ -237,8 +237,11 @@ def layer_offset(model: torch.nn.Module) -> int:
     return int(layers[0].layer_number) - 1
 
 
-def _module_root(key: str) -> str:
-    return "decoder.layers" if layer_index(key) is not None else key.rsplit(".", 1)[0]
+def _owner(key: str) -> str:
+    """Which part of the pipeline holds a key: its layer, the first or the last stage."""
+    if layer_index(key) is not None:
+        return "layers"
+    return "first" if key.startswith("embedding.") else "last"
 
 
 def shard_for_model(
@@ -307,18 +310,14 @@ def shard_for_model(
                 f"model's {tuple(ref.shape)}{hint}"
             )
         state[key] = piece
-    roots = {_module_root(k) for k in state}
+    owners = {_owner(k) for k in target if not is_extra_state(k)}
     layer_range = {i + layer_offset for i in (layer_index(k) for k in target) if i is not None}
     unexpected = [
         k
         for k in full
         if k not in used
         and not is_extra_state(k)
-        and (
-            layer_index(k) in layer_range
-            if layer_index(k) is not None
-            else _module_root(k) in roots
-        )
+        and (layer_index(k) in layer_range if layer_index(k) is not None else _owner(k) in owners)
     ]
     return state, missing, unexpected
 
