@@ -217,6 +217,15 @@ def test_length_limits_and_errors(model):
         gen.generate(PROMPTS, SamplingConfig(), SHORT, seed=[1, 2])
 
 
+def test_sequence_parallel_models_are_rejected(model):
+    model.config.sequence_parallel = True  # the local spec cannot build one; flip the flag
+    try:
+        with pytest.raises(ValueError, match="sequence parallelism"):
+            _gen(model)
+    finally:
+        model.config.sequence_parallel = False
+
+
 def test_training_mode_is_restored(model):
     model.train()
     _gen(model).generate(PROMPTS[:1], GREEDY, LengthConfig(max_length=2))

@@ -118,6 +118,10 @@ class Generator:
         use_kv_cache: Cache keys and values (megatron's static inference context); False
             recomputes the whole prefix at every step.
         max_sequence_length: Longest prompt plus response; default the model's own.
+
+    Raises:
+        ValueError: When the model was built with sequence parallelism (a one-column decoding
+            step cannot be split over the sequence; build the generating model without it).
     """
 
     def __init__(
@@ -142,6 +146,8 @@ class Generator:
         self.use_kv_cache = use_kv_cache
         self.stage = ModelParallelStage(model, groups)
         inner = unwrap_model(model)
+        if inner.config.sequence_parallel:
+            raise ValueError("generation does not support sequence parallelism")
         self.max_sequence_length = max_sequence_length or inner.max_sequence_length
 
     def generate(
