@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from align_data import (
@@ -242,6 +240,8 @@ def test_blank_lines_crlf_and_bom(tmp_path):
 
 
 def test_parquet_all_shapes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "pref.parquet"
     table = pa.Table.from_pylist(
         [
@@ -265,6 +265,8 @@ def test_parquet_all_shapes(tmp_path):
 
 
 def test_parquet_errors_name_the_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "kto.parquet"
     pq.write_table(
         pa.Table.from_pylist(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from align_data import (
@@ -182,6 +180,8 @@ def test_strictness_is_part_of_the_fingerprint(jsonl, tmp_path):
 
 
 def test_parquet_source_and_sft_kinds(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "sft.parquet"
     rows = [
         {

@@ -7,8 +7,6 @@ import json
 import pickle
 
 import pytest
-import sentencepiece as spm
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from align_data import (
     ByteTokenizer,
@@ -28,6 +26,13 @@ from align_data import (
 from align_data import (
     Tokenizer as TokenizerProtocol,
 )
+
+spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("jinja2")
+tokenizers = pytest.importorskip("tokenizers")
+Tokenizer = tokenizers.Tokenizer
+decoders, models = tokenizers.decoders, tokenizers.models
+pre_tokenizers, trainers = tokenizers.pre_tokenizers, tokenizers.trainers
 
 CHATML = (
     "{{ bos_token }}{% for m in messages %}"
