@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, segment_sums
+from align_core.algorithms._common import ModelBatch, segment_sums, upcast
 from align_core.model import unwrap_model
 from align_core.schedule import ForwardFn, forward_backward
 
@@ -141,7 +141,7 @@ def resolve_strategy(
 
 def _sequence_logps_loss(batch: Mapping[str, Tensor], token_logps: Tensor):
     n = batch["seq_token_counts"].numel()
-    return None, {"ref_logps": segment_sums(token_logps.float(), batch["segment_ids"], n)}
+    return None, {"ref_logps": segment_sums(upcast(token_logps), batch["segment_ids"], n)}
 
 
 def _merge(micro_batches: Sequence[ModelBatch], keys: Sequence[str]) -> ModelBatch:

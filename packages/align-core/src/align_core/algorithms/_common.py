@@ -38,6 +38,7 @@ __all__ = [
     "padded_segment_ids",
     "segment_sums",
     "sum_metrics",
+    "upcast",
 ]
 
 IGNORE_INDEX = -100
@@ -82,6 +83,11 @@ class AlgorithmStep(Protocol):
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Turn metric sums reduced over the global batch into the logged metrics."""
         ...
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is half precision (float32/float64 unchanged)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def segment_sums(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:

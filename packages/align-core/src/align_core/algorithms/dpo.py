@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
 from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import PreferenceBatch
@@ -152,7 +152,7 @@ def dpo_loss_and_metrics(
     counts = batch["seq_token_counts"]
     n = counts.numel()
     b = n // 2
-    policy = segment_sums(token_logps.float(), batch["segment_ids"], n)
+    policy = segment_sums(upcast(token_logps), batch["segment_ids"], n)
     ref = batch["ref_logps"].to(policy.dtype)
     denom = counts.to(policy.dtype).clamp(min=1.0)
     pol_p, ref_p = (

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
 from align_core.schedule import LossFn
 from align_data.batches import KTOBatch
 from align_data.collate import CollateConfig, collate_kto
@@ -99,7 +99,7 @@ def kto_loss_and_metrics(
     counts = batch["seq_token_counts"]
     n = counts.numel()
     b = n // 2
-    policy = segment_sums(token_logps.float(), batch["segment_ids"], n)
+    policy = segment_sums(upcast(token_logps), batch["segment_ids"], n)
     ref = batch["ref_logps"].to(policy.dtype)
     if cfg.preference_average_log_probs:
         denom = counts.to(policy.dtype).clamp(min=1.0)

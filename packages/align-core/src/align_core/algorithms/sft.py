@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
 from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import SFTBatch
@@ -60,7 +60,7 @@ def sft_loss_and_metrics(
     """
     counts = batch["seq_token_counts"]
     n = counts.numel()
-    nll = -segment_sums(token_logps.float(), batch["segment_ids"], n)
+    nll = -segment_sums(upcast(token_logps), batch["segment_ids"], n)
     if cfg.loss_reduction == "sequence_mean":
         nll = nll / counts.to(nll.dtype).clamp(min=1.0)
     total = nll.sum()

@@ -28,6 +28,8 @@ class TrainerConfig:
             ``skip`` the step (no update) and count it.
         keep_last_checkpoints: How many periodic checkpoints to keep.
         log_every_n_steps: Metrics cadence.
+        val_at_start: Also validate before the first step (step 0, or the resumed step), so
+            the logged curves start from the initial policy.
     """
 
     max_epochs: int = 1
@@ -41,6 +43,7 @@ class TrainerConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     keep_last_checkpoints: int = 2
     log_every_n_steps: int = 1
+    val_at_start: bool = False
 
 
 @dataclass

@@ -245,6 +245,7 @@ class Trainer:
         self.last_val_metrics: dict[str, float] = {}
         self.last_checkpoint: str | None = None
         self.stop_reason: str = "completed"
+        self._saved_step: int | None = None
 
     # ----------------------------------------------------------------------------- state
 
@@ -420,8 +421,16 @@ class Trainer:
         """Write a checkpoint now (through the ``save`` callback) and remember its path."""
         if self._save is None:
             return None
+        if self._saved_step == self.state.step and self.last_checkpoint is not None:
+            return self.last_checkpoint
         self.last_checkpoint = self._save(self.state.step, self.state_dict())
+        self._saved_step = self.state.step
         return self.last_checkpoint
+
+    def mark_saved(self, path: str) -> None:
+        """Record that the current state is already saved at ``path`` (after a resume)."""
+        self.last_checkpoint = path
+        self._saved_step = self.state.step
 
     def fit(self) -> str:
         """Train until done; returns the stop reason (``completed``, ``max_time``, ``sigterm``).
@@ -432,6 +441,8 @@ class Trainer:
         plan = self.plan
         self.stop.install()
         try:
+            if self.config.val_at_start and plan.val_check_interval:
+                self._validate_and_emit()
             while self.state.step < plan.max_steps:
                 signalled, time_up = self._stop_flags()
                 if signalled or time_up:

@@ -133,6 +133,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     from align_core.training import wrap_ddp
     from align_data import CollateConfig
 
+    _check_config(run)
     ctx = init_distributed(run.parallel, seed=run.seed)
     run_dir = Path(run.run_dir)
     on_main_then_all(lambda: run_dir.mkdir(parents=True, exist_ok=True))
@@ -226,7 +227,8 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         if loaded is not None:
             _check_resume(loaded.extra_state.get("data", {}), data_state, loaded.path)
             trainer.load_state_dict(loaded.trainer_state)
-            trainer.last_checkpoint = resumed = str(loaded.path)
+            resumed = str(loaded.path)
+            trainer.mark_saved(resumed)
 
     run_plan = RunPlan(
         algorithm=run.algorithm,
@@ -284,6 +286,15 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     for sink in sinks:
         sink.finish(out)
     return out
+
+
+def _check_config(run: RunConfig) -> None:
+    """Errors that need no data or model, raised before anything is built."""
+    if run.algorithm == "kto" and run.data.micro_batch_size < 2:
+        raise ValueError(
+            "KTO pairs prompt_i with completion_(i+1 mod B) inside each micro-batch for its KL "
+            f"estimate, so model.micro_batch_size must be >= 2 (got {run.data.micro_batch_size})"
+        )
 
 
 def _plan(run: RunConfig, data: TrainData) -> StepPlan:

@@ -1,0 +1,116 @@
+"""Step accounting, time limits, strategy resolution and the data order (no model)."""
+
+import numpy as np
+import pytest
+
+from align_core.algorithms import DPOConfig
+from align_core.algorithms.dpo import DPOStep
+from align_core.reference import resolve_strategy
+from align_core.trainer import TrainerConfig
+from align_core.trainer.data import TrainData
+from align_core.trainer.loop import plan_steps
+from align_core.trainer.signals import StopRequest, parse_max_time
+from align_data import CollateConfig, PreferenceExample
+
+
+def test_nemo_step_accounting():
+    # 1000 samples, GBS 64: 15 full batches per epoch (remainder dropped).
+    plan = plan_steps(
+        TrainerConfig(max_epochs=2, val_check_interval=0.1, save_interval=5),
+        train_samples=1000,
+        global_batch_size=64,
+        val_batches=3,
+    )
+    assert (plan.steps_per_epoch, plan.max_steps) == (15, 30)
+    assert plan.val_check_interval == 1  # int(0.1 × 15)
+    assert plan.val_batches == 3 and plan.save_interval == 5
+    capped = plan_steps(
+        TrainerConfig(max_epochs=3, max_steps=20, val_check_interval=4, limit_val_batches=2),
+        train_samples=1000,
+        global_batch_size=64,
+        val_batches=3,
+    )
+    assert (capped.max_steps, capped.val_check_interval, capped.val_batches) == (20, 4, 2)
+    half = plan_steps(
+        TrainerConfig(limit_train_batches=0.5, limit_val_batches=0.0),
+        train_samples=1000,
+        global_batch_size=64,
+        val_batches=3,
+    )
+    assert (half.steps_per_epoch, half.val_batches, half.val_check_interval) == (7, 0, 0)
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        plan_steps(TrainerConfig(), train_samples=10, global_batch_size=64, val_batches=0)
+
+
+def test_max_time_parsing_and_deadline():
+    assert parse_max_time(None) is None
+    assert parse_max_time("00:01:01:05") == 3665.0
+    assert parse_max_time("1:00:00:00") == 86400.0
+    assert parse_max_time("90") == 90.0
+    with pytest.raises(ValueError, match="DD:HH:MM:SS"):
+        parse_max_time("1h")
+    assert StopRequest(0.0).time_up
+    assert not StopRequest(None).time_up
+
+
+def test_reference_strategy_resolution_never_falls_back():
+    assert resolve_strategy("auto", lora=True) == "adapters"
+    assert resolve_strategy("auto", lora=False) == "precompute"
+    assert resolve_strategy("swap", lora=True) == "swap"
+    with pytest.raises(ValueError, match="needs LoRA"):
+        resolve_strategy("adapters", lora=False)
+    with pytest.raises(ValueError, match="not possible"):
+        resolve_strategy("precompute", lora=False, precompute_possible=False)
+    with pytest.raises(ValueError, match="set swap or model explicitly"):
+        resolve_strategy("auto", lora=False, precompute_possible=False)
+
+
+def _examples(n):
+    rng = np.random.default_rng(0)
+    return [
+        PreferenceExample(
+            rng.integers(0, 50, 3), rng.integers(0, 50, 2), rng.integers(0, 50, 4), index=i
+        )
+        for i in range(n)
+    ]
+
+
+def _data(rank=0, size=1, mbs=2, gbs=8):
+    return TrainData(
+        _examples(40),
+        _examples(16),
+        DPOStep(DPOConfig()),
+        CollateConfig(pad_id=0),
+        micro_batch_size=mbs,
+        global_batch_size=gbs,
+        data_parallel_rank=rank,
+        data_parallel_size=size,
+        seed=3,
+    )
+
+
+def test_data_order_is_a_function_of_consumed_samples():
+    data = _data()
+    assert data.batches_per_epoch == 5
+    seen = np.concatenate([data.train_indices(k * 8) for k in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))  # one epoch visits every example once
+    assert not np.array_equal(data.train_indices(40), data.train_indices(0))  # reshuffled
+    # Resuming from a count gives the same batch as the uninterrupted sequence.
+    again = _data()
+    for consumed in (0, 16, 48):
+        a = [mb["sample_index"].tolist() for mb in data.train_micro_batches(consumed)]
+        b = [mb["sample_index"].tolist() for mb in again.train_micro_batches(consumed)]
+        assert a == b
+
+
+def test_data_parallel_ranks_split_the_global_batch():
+    ranks = [_data(rank=r, size=2) for r in range(2)]
+    full = _data().train_indices(8).tolist()
+    got = [i for d in ranks for mb in d.train_micro_batches(8) for i in mb["sample_index"].tolist()]
+    assert got == full
+    # Micro 1 x accumulation 8 sees the same examples in the same order as 8 x 1.
+    one = [i for mb in _data(mbs=1).train_micro_batches(8) for i in mb["sample_index"].tolist()]
+    eight = [i for mb in _data(mbs=8).train_micro_batches(8) for i in mb["sample_index"].tolist()]
+    assert one == eight == full
+    # All micro-batches of a step share one padded length.
+    assert len({mb["tokens"].shape for mb in _data(mbs=1).train_micro_batches(8)}) == 1
