@@ -32,6 +32,13 @@ from align_kd.teacher import (
     teacher_vocab_size,
 )
 from align_kd.topk import TopK, vocab_parallel_argmax, vocab_parallel_topk
+from align_kd.train import (
+    KDRunConfig,
+    KDTeacherRunConfig,
+    TeacherSourceConfig,
+    run_teacher,
+    train_kd,
+)
 
 try:
     __version__ = version("align-kd")
@@ -42,7 +49,9 @@ __all__ = [
     "TEACHER_KEYS",
     "KDExample",
     "KDLoss",
+    "KDRunConfig",
     "KDStep",
+    "KDTeacherRunConfig",
     "KnowledgeDistillationConfig",
     "OnlineTeacher",
     "OnlineTeacherData",
@@ -50,6 +59,7 @@ __all__ = [
     "TeacherGroups",
     "TeacherPassConfig",
     "TeacherPassResult",
+    "TeacherSourceConfig",
     "TopK",
     "__version__",
     "check_vocabularies",
@@ -61,10 +71,12 @@ __all__ = [
     "logits_forward",
     "nemo_kd_examples",
     "open_teacher_store",
+    "run_teacher",
     "run_teacher_pass",
     "teacher_topk_outputs",
     "teacher_vocab_size",
     "tensor_group_of",
+    "train_kd",
     "vocab_parallel_argmax",
     "vocab_parallel_topk",
     "vocab_start_of",

@@ -70,6 +70,8 @@ class TeacherGroups:
         model_parallel: The ranks of one model replica (tensor × pipeline): they run the same
             micro-batches. None for a single process per replica.
         data: Data-parallel group (throughput sums), None for one replica.
+        world: All ranks of the pass (plan creation and completion are synchronised over it),
+            None for a single process.
         data_rank: This replica's index.
         data_size: Number of replicas.
         is_last_stage: This rank computes the top-k (last pipeline stage).
@@ -81,6 +83,7 @@ class TeacherGroups:
     tensor: dist.ProcessGroup | None = None
     model_parallel: dist.ProcessGroup | None = None
     data: dist.ProcessGroup | None = None
+    world: dist.ProcessGroup | None = None
     data_rank: int = 0
     data_size: int = 1
     is_last_stage: bool = True
@@ -101,6 +104,7 @@ class TeacherGroups:
             tensor=sized(ps.get_tensor_model_parallel_group()),
             model_parallel=sized(ps.get_model_parallel_group()),
             data=sized(ps.get_data_parallel_group()),
+            world=dist.group.WORLD if dist.get_world_size() > 1 else None,
             data_rank=ps.get_data_parallel_rank(),
             data_size=ps.get_data_parallel_world_size(),
             is_last_stage=last,
@@ -208,8 +212,8 @@ def _plan(
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(plan, indent=1))
         tmp.replace(path)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if groups.world is not None:
+        dist.barrier(group=groups.world)
     plan = json.loads(path.read_text())
     wanted = {"num_examples": len(examples), "fingerprint": fingerprint, "top_k": config.top_k}
     wanted.update(dtype=config.dtype, vocab_size=vocab_size)
@@ -285,7 +289,7 @@ def run_teacher_pass(
             this replica; default: a progress line on global rank 0.
 
     Returns:
-        The `TeacherPassResult` (identical on every rank).
+        The `TeacherPassResult` (identical on every rank), once every part is written.
 
     Raises:
         ValueError: When ``output_dir`` holds a pass over other data or with other settings.
@@ -346,6 +350,8 @@ def run_teacher_pass(
     totals = torch.tensor([samples, positions], dtype=torch.int64, device=groups.device)
     if groups.data is not None:
         dist.all_reduce(totals, group=groups.data)
+    if groups.world is not None:  # every part is complete when any rank returns
+        dist.barrier(group=groups.world)
     return TeacherPassResult(
         output_dir=str(out),
         num_examples=len(examples),
