@@ -113,3 +113,37 @@ def trainer(
         reference=reference,
         sinks=sinks,
     )
+
+
+def run_config(run_dir, algorithm: str = "dpo", **changes):
+    """A small `RunConfig` on the synthetic task (fresh tiny model, byte tokenizer)."""
+    import dataclasses
+
+    from align_core.algorithms import DPOConfig, KTOConfig
+    from align_core.optim import SchedulerConfig
+    from align_core.trainer import DataConfig, ReferenceConfig, RunConfig, SyntheticConfig
+
+    trainer = changes.pop(
+        "trainer", TrainerConfig(max_steps=4, val_check_interval=2, save_interval=2)
+    )
+    data = changes.pop(
+        "data",
+        DataConfig(
+            micro_batch_size=4,
+            global_batch_size=8,
+            synthetic=SyntheticConfig(num_train=64, num_validation=16),
+        ),
+    )
+    base = RunConfig(
+        algorithm,
+        str(run_dir),
+        model=MODEL,
+        trainer=trainer,
+        reference=ReferenceConfig(strategy="auto"),
+        data=data,
+        dpo=DPOConfig(ref_policy_kl_penalty=0.5),
+        kto=KTOConfig(ref_policy_kl_penalty=0.5),
+        optim=OptimizerConfig(lr=1e-3, weight_decay=0.0),
+        sched=SchedulerConfig(style="cosine", warmup_steps=1),
+    )
+    return dataclasses.replace(base, **changes)

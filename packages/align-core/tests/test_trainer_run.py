@@ -1,0 +1,78 @@
+"""`align_core.trainer.train` end to end: SIGTERM, resume, export, early errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from align_core.nemo import open_nemo
+from align_core.trainer import DataConfig, InMemorySink, train
+
+SCRIPTS = Path(__file__).parent / "train_scripts"
+_spec = importlib.util.spec_from_file_location("_align_core_tests_tiny", SCRIPTS / "tiny.py")
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
+
+
+def test_sigterm_leaves_a_checkpoint_that_resumes_like_an_uninterrupted_run(dist_ctx, tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out.json"
+    # A fresh single-process world: not this process's rendezvous address.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "sigterm_run.py"), str(run_dir), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = json.loads(out.read_text())
+    assert killed["stop_reason"] == "sigterm" and killed["steps"] == 2
+    assert killed["nemo_path"] is None  # an interrupted run exports nothing
+    assert Path(killed["checkpoint"]).name == "step_000002"
+
+    resumed_sink = InMemorySink()
+    resumed = train(T.run_config(run_dir), sinks=[resumed_sink])
+    assert resumed.stop_reason == "completed" and resumed.steps == 4
+    assert resumed_sink.plan.start_step == 2 and resumed_sink.plan.resumed_from is not None
+    assert [s for s, _ in resumed_sink.train] == [3, 4]
+
+    whole_sink = InMemorySink()
+    whole = train(T.run_config(tmp_path / "whole"), sinks=[whole_sink])
+    losses = whole_sink.series("loss")
+    assert losses[:2] == pytest.approx(killed["losses"], rel=1e-6, abs=0)
+    # Step k+1 after resuming at step k equals the uninterrupted run's step k+1.
+    assert resumed_sink.series("loss") == pytest.approx(losses[2:], rel=1e-6, abs=0)
+    assert resumed_sink.series("grad_norm") == pytest.approx(
+        whole_sink.series("grad_norm")[2:], rel=1e-5
+    )
+    assert whole.reference_strategy == "precompute"
+    assert [s for s, _ in whole_sink.val] == [2, 4] and "acc" in whole_sink.val[0][1]
+
+    # The final policy is exported and readable.
+    assert whole.nemo_path is not None
+    with open_nemo(whole.nemo_path) as ckpt:
+        assert ckpt.model_config.num_layers == T.MODEL.num_layers
+        assert ckpt.tokenizer is not None and ckpt.tokenizer.library == "byte-level"
+
+
+def test_kto_with_one_example_per_micro_batch_fails_before_training(tmp_path):
+    data = DataConfig(micro_batch_size=1, global_batch_size=4)
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 2"):
+        train(T.run_config(tmp_path, "kto", data=data))
+
+
+def test_a_malformed_record_stops_the_run_naming_file_and_line(dist_ctx, tmp_path):
+    from align_data import DataError
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n'
+    )
+    data = DataConfig(train_files=(str(bad),), micro_batch_size=1, global_batch_size=1)
+    with pytest.raises(DataError, match=r"train\.jsonl:2"):
+        train(T.run_config(tmp_path / "run", data=data))
