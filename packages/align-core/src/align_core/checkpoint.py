@@ -96,6 +96,30 @@ def _uses_distributed_optimizer(optimizer: Any) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
+def _prime_fresh_distributed_optimizer(optimizer: Any) -> None:
+    """Give a never-stepped distributed optimizer the state entries loading expects.
+
+    upstream: ``DistributedOptimizer.state_dict()`` (called when building the load template)
+    asserts that torch Adam's per-parameter ``step`` exists, which it does only after a first
+    step. Zero moments and ``step = 0`` are what a fresh Adam has; loading overwrites them.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        adam = inner.optimizer
+        if not isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                    state["step"] = torch.tensor(0.0)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -324,6 +348,7 @@ class Checkpointer:
             raise KeyError(f"checkpoint {path} has no extra models {sorted(missing)}")
         if optimizer is not None:
             self._check_optimizer(path, common, optimizer)
+            _prime_fresh_distributed_optimizer(optimizer)
         with_rng = load_rng and common["layout"]["world_size"] == dist.get_world_size()
         template = self._sharded_state(
             model, optimizer, extra_models, is_loading=True, with_rng=with_rng

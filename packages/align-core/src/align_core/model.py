@@ -32,9 +32,29 @@ def _layer_spec(model: ModelConfig, use_te: bool):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
 
 
+def _initialised_layout(parallel: ParallelConfig | None) -> ParallelConfig:
+    """``parallel``, checked against megatron's initialised parallel state (or read from it)."""
+    from megatron.core import parallel_state
+
+    sizes = {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
+    }
+    if parallel is None:
+        return ParallelConfig(**sizes)
+    wrong = {k: (getattr(parallel, k), v) for k, v in sizes.items() if getattr(parallel, k) != v}
+    if wrong:
+        detail = ", ".join(
+            f"{k}={given} but initialised with {v}" for k, (given, v) in wrong.items()
+        )
+        raise ValueError(f"parallel config does not match init_distributed: {detail}")
+    return parallel
+
+
 def build_gpt_model(
     model: ModelConfig,
-    parallel: ParallelConfig = ParallelConfig(),  # noqa: B008
+    parallel: ParallelConfig | None = None,
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
@@ -48,7 +68,9 @@ def build_gpt_model(
 
     Args:
         model: Architecture.
-        parallel: Parallel layout (must match the one given to ``init_distributed``).
+        parallel: Parallel layout; must match the one given to ``init_distributed``. None reads
+            the tensor/pipeline/context sizes from megatron's initialised parallel state
+            (sequence parallelism off).
         pre_process: Whether this stage holds the embedding; default: first pipeline stage.
         post_process: Whether this stage holds the output layer; default: last pipeline stage.
         use_te: Force the Transformer Engine spec on or off; default: `te_available()`.
@@ -56,11 +78,15 @@ def build_gpt_model(
 
     Returns:
         The `GPTModel`, wrapped in megatron's ``Float16Module`` for bf16/fp16.
+
+    Raises:
+        ValueError: When ``parallel`` disagrees with the initialised parallel state.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
+    parallel = _initialised_layout(parallel)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
