@@ -15,7 +15,8 @@ random per token) and reports:
   replaying those events in time order gives the exact high-water mark.
 * saved for backward: bytes of the distinct storages autograd keeps between forward and backward
   (``torch.autograd.graph.saved_tensors_hooks``), not counting storages of the inputs.
-* forward + backward wall time: median over ``--reps`` runs after ``--warmup`` runs (no profiler).
+* forward + backward wall time: median over ``--reps`` runs after ``--warmup`` runs (no
+  profiler), naive and ours alternating so that a change in machine load hits both alike.
 
 Ratios are ours / naive; lower is better. Only one case is alive at a time and everything is
 freed between cases (N = 4096 × V = 128000 float32 logits alone are 2 GB).
@@ -136,33 +137,47 @@ def _cuda_peak(run: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def measure(
-    fn: Callable[[], torch.Tensor],
+def _time_once(fn: Callable[[], torch.Tensor], inputs, upstream: torch.Tensor) -> float:
+    _sync(upstream.device)
+    start = time.perf_counter()
+    result = _fwd_bwd(fn, inputs, upstream)
+    _sync(upstream.device)
+    elapsed = time.perf_counter() - start
+    del result
+    return elapsed
+
+
+def measure_pair(
+    naive: Callable[[], torch.Tensor],
+    ours: Callable[[], torch.Tensor],
     inputs: list[torch.Tensor],
     upstream: torch.Tensor,
     *,
     warmup: int,
     reps: int,
-) -> Measurement:
-    device = upstream.device
+) -> tuple[Measurement, Measurement]:
+    """Time naive and ours in alternation (so load drift hits both), then measure memory."""
+    fns = (naive, ours)
     for _ in range(warmup):
-        _fwd_bwd(fn, inputs, upstream)
-    _sync(device)
-    times = []
+        for fn in fns:
+            _time_once(fn, inputs, upstream)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        start = time.perf_counter()
-        result = _fwd_bwd(fn, inputs, upstream)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        del result
-    gc.collect()
-    saved = _saved_bytes(fn, inputs)
+        for fn, bucket in zip(fns, times, strict=True):
+            bucket.append(_time_once(fn, inputs, upstream))
+            gc.collect()
+    out = []
+    for fn, bucket in zip(fns, times, strict=True):
+        saved = _saved_bytes(fn, inputs)
 
-    def run() -> object:
-        return _fwd_bwd(fn, inputs, upstream)
+        def run(fn: Callable[[], torch.Tensor] = fn) -> object:
+            return _fwd_bwd(fn, inputs, upstream)
 
-    peak = _cuda_peak(run, device) if device.type == "cuda" else _cpu_peak(run)
-    return Measurement(peak, saved, statistics.median(times))
+        device = upstream.device
+        peak = _cuda_peak(run, device) if device.type == "cuda" else _cpu_peak(run)
+        out.append(Measurement(peak, saved, statistics.median(bucket)))
+        gc.collect()
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------------------- cases
@@ -253,11 +268,13 @@ def main() -> None:
     for vocab in args.vocab:
         for name in args.only:
             case = build(name, args.tokens, vocab, args)
-            naive = measure(
-                case.naive, case.inputs, case.upstream, warmup=args.warmup, reps=args.reps
-            )
-            ours = measure(
-                case.ours, case.inputs, case.upstream, warmup=args.warmup, reps=args.reps
+            naive, ours = measure_pair(
+                case.naive,
+                case.ours,
+                case.inputs,
+                case.upstream,
+                warmup=args.warmup,
+                reps=args.reps,
             )
             print(
                 f"| {case.name:<44} | {vocab:>6} | {naive.peak / MiB:>6.0f} MiB | "

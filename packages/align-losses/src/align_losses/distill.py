@@ -6,10 +6,10 @@ student's full logits are live. Two student-side custom autograd functions keep 
 * ``_GatherColumns`` picks the student logits at the K ids (summed over the vocabulary shards)
   and saves only the ids for backward: the K-way renormalised loss never needs a full softmax.
 * ``_TopKTailLogProbs`` returns the student's log-probabilities of the K ids *and* of the tail
-  bucket (everything else) under the full-vocabulary softmax. It saves the logits and three floats
-  per token and recomputes the softmax a chunk of rows at a time in backward; the tail mass is
-  computed directly from the tail logits, not as ``1 − Σ q_i``, so it stays accurate when the
-  top-K hold almost all of the mass.
+  bucket (everything else) under the full-vocabulary softmax. It saves the logits, the K + 1
+  log-probs and one float per token, and recomputes the softmax a chunk of rows at a time in
+  backward; the tail mass is computed directly from the tail logits, not as ``1 − Σ q_i``, so
+  it stays accurate when the top-K hold almost all of the mass.
 
 The divergence itself is then computed on ``[N, K]`` (or ``[N, K + 1]``) tensors with ordinary
 autograd.
@@ -48,9 +48,13 @@ class _GatherColumns(torch.autograd.Function):
         vocab_start: int,
         group: ProcessGroup | None,
     ) -> Tensor:
+        ctx.logits_meta = (logits.shape, logits.dtype, logits.device)
+        if group is None:
+            columns = ids - vocab_start if vocab_start else ids
+            ctx.save_for_backward(columns, None)
+            return logits.gather(-1, columns)
         columns, owned = owned_columns(ids, vocab_start, logits.shape[-1])
         ctx.save_for_backward(columns, owned)
-        ctx.logits_meta = (logits.shape, logits.dtype, logits.device)
         return gather_owned(logits, columns, owned, group)
 
     @staticmethod
@@ -58,13 +62,23 @@ class _GatherColumns(torch.autograd.Function):
         columns, owned = ctx.saved_tensors
         shape, dtype, device = ctx.logits_meta
         grad = torch.zeros(shape, dtype=dtype, device=device)
-        values = torch.where(owned, grad_out, torch.zeros_like(grad_out)).to(dtype)
-        grad.scatter_add_(-1, columns, values)
+        if owned is not None:
+            grad_out = torch.where(owned, grad_out, torch.zeros_like(grad_out))
+        grad.scatter_add_(-1, columns, grad_out.to(dtype))
         return grad, None, None, None
 
 
 class _TopKTailLogProbs(torch.autograd.Function):
-    """Student log-probs ``[..., K + 1]`` of K ids and of the tail under ``softmax(scale·z)``."""
+    """Student log-probs ``[..., K + 1]`` of K ids and of the tail under ``softmax(scale·z)``.
+
+    Forward, per row: ``L`` = log-sum-exp over the vocabulary and ``L_tail`` over the tokens
+    that are not among the ids (the ids' exponentials are zeroed, not subtracted, so the tail
+    stays exact). Backward, with ``G = ∂loss/∂log q`` and ``z' = scale·z``:
+
+    * tail token v: ``∂/∂z'_v = exp(z'_v − L_tail)·(G_tail − q_tail·Σ_c G_c)``
+      (since ``softmax_v = exp(z'_v − L_tail)·q_tail``): one exp per element, always ≤ 1;
+    * id token i: ``∂/∂z'_i = G_i − q_i·Σ_c G_c``, written over the tail formula.
+    """
 
     @staticmethod
     def forward(
@@ -80,20 +94,19 @@ class _TopKTailLogProbs(torch.autograd.Function):
         cdt = compute_dtype(logits.dtype)
         flat_ids = ids.reshape(-1, top_k)
         columns, owned = owned_columns(flat_ids, vocab_start, vocab_local)
+        # Ids this rank does not own point at an extra, always-zero column of the buffer.
         padded = torch.where(owned, columns, torch.full_like(columns, vocab_local))
 
         num_rows = flat_ids.shape[0]
-        # Per row: shift, log Σ_v exp(s·z_v − shift), log Σ_{v ∉ ids} exp(s·z_v − shift).
+        # Per row: shift, log Σ_v exp(z'_v − shift), log Σ_{v ∉ ids} exp(z'_v − shift).
         parts = torch.empty(num_rows, 3, dtype=cdt, device=logits.device)
-        # Ids this rank does not own were pointed at the extra last column of the buffer.
         work = Workspace(vocab_local + 1, cdt, logits.device)
         for rows, chunk in row_chunks(logits):
             buf = work.rows(chunk.shape[0])
-            scaled = buf[:, :vocab_local]
-            torch.mul(chunk, scale, out=scaled)
-            shift = scaled.amax(dim=1, keepdim=True)
+            shift = chunk.amax(dim=1, keepdim=True).to(cdt) * scale
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-            scaled.sub_(shift).exp_()
+            torch.add(-shift, chunk, alpha=scale, out=buf[:, :vocab_local])
+            buf[:, :vocab_local].exp_()
             buf[:, vocab_local] = 0.0
             parts[rows, 0] = shift.squeeze(1)
             parts[rows, 1] = buf.sum(dim=1).log_()
@@ -114,57 +127,46 @@ class _TopKTailLogProbs(torch.autograd.Function):
         out = torch.cat(
             [
                 (picked - shift.unsqueeze(1)) - log_total.unsqueeze(1),
-                (log_tail - log_total)[:, None],
+                (log_tail - log_total).unsqueeze(1),
             ],
             dim=1,
         )
-
-        ctx.save_for_backward(logits, columns, owned, padded, shift, log_total, log_tail)
+        ctx.save_for_backward(logits, columns, owned, out, shift + log_tail)
         ctx.scale = scale
         return out.view(*ids.shape[:-1], top_k + 1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:
-        logits, columns, owned, padded, shift, log_total, log_tail = ctx.saved_tensors
+        logits, columns, owned, log_q, tail_lse = ctx.saved_tensors
         scale = ctx.scale
         vocab_local = logits.shape[-1]
-        cdt = shift.dtype
+        cdt = log_q.dtype
         top_k = columns.shape[-1]
         g = grad_out.reshape(-1, top_k + 1).to(cdt)
-        g_ids = torch.where(owned, g[:, :top_k], torch.zeros_like(g[:, :top_k]))
+        q = log_q.exp()
         g_sum = g.sum(dim=1, keepdim=True)
-        has_tail = torch.isfinite(log_tail)
-        log_tail = torch.where(has_tail, log_tail, torch.zeros_like(log_tail)).unsqueeze(1)
-        g_tail = torch.where(has_tail, g[:, top_k], torch.zeros_like(g[:, top_k])).unsqueeze(1)
-        shift = shift.unsqueeze(1)
-        log_total = log_total.unsqueeze(1)
+        # Coefficients already carry the chain-rule factor of z' = scale·z.
+        tail_coef = scale * (g[:, top_k : top_k + 1] - q[:, top_k : top_k + 1] * g_sum)
+        id_grad = scale * (g[:, :top_k] - q[:, :top_k] * g_sum)
+        # No tail (K covers the vocabulary): every token is an id and is overwritten below.
+        tail_lse = torch.where(torch.isfinite(tail_lse), tail_lse, torch.zeros_like(tail_lse))
+        neg_tail_lse = tail_lse.neg().unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, vocab_local)
         direct = cdt == logits.dtype
-        work = Workspace(vocab_local + 1, cdt, logits.device)
-        low = None if direct else Workspace(vocab_local, cdt, logits.device)
-        for rows, chunk in row_chunks(logits, buffers=1 if direct else 2):
+        work = None if direct else Workspace(vocab_local, cdt, logits.device)
+        for rows, chunk in row_chunks(logits):
             out = grad_rows[rows]
-            buf = out if low is None else low.rows(chunk.shape[0])
-            padded_work = work.rows(chunk.shape[0])
-            scaled = padded_work[:, :vocab_local]
-            # With s = softmax(scale·z) and G = dL/d(log q) over the K ids and the tail:
-            # dL/d(scale·z_v) = G_i·1[v = id_i] + G_tail·1[v ∉ ids]·exp(scale·z_v − LSE_tail)
-            #                   − s_v·Σ_c G_c
-            torch.mul(chunk, scale, out=scaled)
-            scaled.sub_(shift[rows])
-            torch.sub(scaled, log_total[rows], out=buf)
-            buf.exp_().mul_(-g_sum[rows])
-            scaled.sub_(log_tail[rows]).exp_()
-            padded_work.scatter_(1, padded[rows], 0.0)
-            buf.addcmul_(scaled, g_tail[rows])
-            buf.scatter_add_(1, columns[rows], g_ids[rows])
-            if scale != 1.0:
-                buf.mul_(scale)
-            if low is not None:
+            buf = out if work is None else work.rows(chunk.shape[0])
+            torch.add(neg_tail_lse[rows], chunk, alpha=scale, out=buf)
+            # Tail tokens have z'_v ≤ L_tail; the clamp only keeps id positions finite.
+            buf.clamp_(max=0.0).exp_().mul_(tail_coef[rows])
+            current = buf.gather(1, columns[rows])
+            fix = torch.where(owned[rows], id_grad[rows] - current, torch.zeros_like(current))
+            buf.scatter_add_(1, columns[rows], fix)
+            if work is not None:
                 out.copy_(buf)
-        del work, low
         return grad, None, None, None, None
 
 
