@@ -351,6 +351,22 @@ def ckpt_inspect(
     _exit(report_errors(lambda: inspect(path, _console())))  # type: ignore[arg-type]
 
 
+@ckpt_app.command("export")
+def ckpt_export(
+    run_dir: Annotated[str, typer.Argument(help="Run directory written by `align run`.")],
+    out: Annotated[
+        str | None, typer.Option("--out", help="Destination .nemo (default RUN_DIR/step_N.nemo).")
+    ] = None,
+    step: Annotated[
+        int | None, typer.Option("--step", help="Checkpoint step (default: the newest).")
+    ] = None,
+) -> None:
+    """Export a training checkpoint of a run to .nemo (LoRA merged), in one process."""
+    from align_cli.commands.export import export
+
+    _exit(report_errors(lambda: export(run_dir, out, step, _console())))  # type: ignore[arg-type]
+
+
 @app.command("init-model")
 def init_model(
     out: Annotated[str, typer.Argument(help="Destination .nemo file.")],
