@@ -266,6 +266,15 @@ def test_extreme_logits_are_finite(divergence: str, tail: int, cross: int, dtype
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
 
 
+def test_int32_teacher_ids_are_accepted() -> None:
+    student, values, ids, lse = make_case(seed=12)
+    for tail in (None, lse):
+        torch.testing.assert_close(
+            topk_kd_loss(student, values, ids.int(), teacher_logsumexp=tail),
+            naive_topk_kd(student, values, ids, teacher_logsumexp=tail),
+        )
+
+
 def test_teacher_gets_no_gradient() -> None:
     student, values, ids, lse = make_case()
     student.requires_grad_()

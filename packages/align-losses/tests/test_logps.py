@@ -62,6 +62,20 @@ def test_token_logps_custom_ignore_index() -> None:
     assert out[1] == 0 and out[3] == 0
 
 
+def test_int32_labels_are_accepted() -> None:
+    logits = torch.randn(3, 4, 8, dtype=torch.float64)
+    labels = torch.randint(0, 8, (3, 4))
+    labels[0, 0] = -100
+    expected = naive_token_logps(logits, labels)
+    torch.testing.assert_close(token_logps(logits, labels.int()), expected)
+    hidden, weight = torch.randn(5, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    flat = labels.reshape(-1)[:5]
+    torch.testing.assert_close(
+        chunked_linear_logps(hidden, weight, flat.int()),
+        naive_token_logps(hidden @ weight.T, flat),
+    )
+
+
 def test_token_logps_all_ignored_gives_zero_and_zero_grad() -> None:
     logits = torch.randn(2, 4, 9, requires_grad=True)
     labels = torch.full((2, 4), -100)

@@ -67,7 +67,7 @@ def owned_columns(ids: Tensor, vocab_start: int, vocab_local: int) -> tuple[Tens
         ``(columns, owned)``: local column indices (clamped into range where not owned, so they can
         be used with ``gather``) and a bool mask of the ids this rank holds.
     """
-    local = ids - vocab_start
+    local = ids.long() - vocab_start
     owned = (local >= 0) & (local < vocab_local)
     columns = local.clamp(0, max(vocab_local - 1, 0))
     return columns, owned

@@ -50,7 +50,7 @@ class _GatherColumns(torch.autograd.Function):
     ) -> Tensor:
         ctx.logits_meta = (logits.shape, logits.dtype, logits.device)
         if group is None:
-            columns = ids - vocab_start if vocab_start else ids
+            columns = ids.long() - vocab_start
             ctx.save_for_backward(columns, None)
             return logits.gather(-1, columns)
         columns, owned = owned_columns(ids, vocab_start, logits.shape[-1])
