@@ -138,3 +138,20 @@ def test_mask_padded_vocab_only_touches_padding():
     untouched = torch.zeros(4)
     mask_padded_vocab_(untouched, vocab_size=13, vocab_start=0)
     assert torch.all(untouched == 0)
+
+
+def test_bf16_model_log_probs_follow_the_fp32_ones(dist_ctx):
+    """bf16 weights (Float16Module): both paths return float32 log-probs close to fp32's."""
+    seed_all(12)
+    fp32 = build_gpt_model(ModelConfig(num_layers=1))
+    bf16 = build_gpt_model(ModelConfig(num_layers=1, dtype="bf16"))
+    bf16.module.load_state_dict(fp32.state_dict())
+    batch = _batch(vocab=256, seq=8)
+    with torch.no_grad():
+        expected = forward_token_logps(fp32, batch, vocab_size=256)
+        for fused in (True, False):
+            got = forward_token_logps(
+                bf16, batch, vocab_size=256, config=LogProbConfig(fused=fused)
+            )
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, atol=0.1, rtol=0.02)

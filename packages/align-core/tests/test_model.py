@@ -56,3 +56,11 @@ def test_causal_model_ignores_future_tokens(dist_ctx):
         a, b = model(ids, pos, mask), model(other, pos, mask)
     torch.testing.assert_close(a[:, :6], b[:, :6])
     assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_build_checks_the_layout_against_init_distributed(dist_ctx):
+    from align_core import ParallelConfig
+
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=2 but initialised with 1"):
+        build_gpt_model(ModelConfig(), ParallelConfig(tensor_model_parallel_size=2))
+    assert build_gpt_model(ModelConfig(), ParallelConfig()).config.tensor_model_parallel_size == 1

@@ -99,9 +99,10 @@ def _uses_distributed_optimizer(optimizer: Any) -> bool:
 def _prime_fresh_distributed_optimizer(optimizer: Any) -> None:
     """Give a never-stepped distributed optimizer the state entries loading expects.
 
-    upstream: ``DistributedOptimizer.state_dict()`` (called when building the load template)
-    asserts that torch Adam's per-parameter ``step`` exists, which it does only after a first
-    step. Zero moments and ``step = 0`` are what a fresh Adam has; loading overwrites them.
+    upstream: ``DistributedOptimizer.state_dict()`` (called by its ``sharded_state_dict`` when
+    saving and when building the load template) asserts that torch Adam's per-parameter
+    ``step`` exists, which it does only after a first step. Zero moments and ``step = 0`` are
+    exactly what Adam starts from, so the next step is unchanged; loading overwrites them.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -269,10 +270,12 @@ class Checkpointer:
         tmp = self.directory / f"tmp.step_{step:06d}"
         if dist.get_rank() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob("tmp.step_*"):
+            for stale in self.directory.glob("tmp.*step_*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
+        if optimizer is not None:
+            _prime_fresh_distributed_optimizer(optimizer)
         state = self._sharded_state(model, optimizer, extra_models, is_loading=False, with_rng=True)
         state["common"] = {
             "format_version": FORMAT_VERSION,
@@ -291,9 +294,13 @@ class Checkpointer:
         if dist.get_rank() == 0:
             if _before_publish is not None:
                 _before_publish(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            if final.exists():  # re-saving a step: move the old copy aside, then drop it
+                stale = self.directory / f"tmp.replaced.{final.name}"
+                os.rename(final, stale)
+                os.rename(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
             _fsync_dir(self.directory)
             _write_atomically(self.directory / "latest", final.name + "\n")
             self._prune()
