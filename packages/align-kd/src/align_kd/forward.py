@@ -22,6 +22,8 @@ __all__ = ["logits_forward", "tensor_group_of", "vocab_start_of"]
 def logits_forward(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Run one micro-batch: logits on the last pipeline stage, activations elsewhere.
 
+    Inputs are moved to the model's device first (batches are built on the CPU).
+
     Args:
         model: This rank's model chunk (possibly DDP / Float16Module wrapped).
         batch: ``tokens [B, S]``, optional ``position_ids [B, S]`` (default ``0..S-1``) and
@@ -30,15 +32,15 @@ def logits_forward(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tenso
     Returns:
         ``[B, S, V_local]`` logits (last stage) or ``[S, B, H]`` activations.
     """
-    tokens = batch["tokens"]
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device, non_blocking=True)
     seq = tokens.shape[-1]
     position_ids = batch.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(seq, device=tokens.device).expand_as(tokens)
+        position_ids = torch.arange(seq, device=device).expand_as(tokens)
     mask = batch.get("attention_mask")
-    if mask is None:
-        mask = causal_attention_mask(seq, tokens.device)
-    return model(tokens, position_ids, mask)
+    mask = causal_attention_mask(seq, device) if mask is None else mask.to(device)
+    return model(tokens, position_ids.to(device, non_blocking=True), mask)
 
 
 def tensor_group_of(model: torch.nn.Module) -> torch.distributed.ProcessGroup | None:

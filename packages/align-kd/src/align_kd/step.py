@@ -284,6 +284,8 @@ class KDStep:
         tokens = torch.stack([(mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches])
         total = tokens.sum().double()
         if self.data_group is not None and self.data_group.size() > 1:
+            if dist.get_backend(self.data_group) == "nccl":
+                total = total.cuda()
             dist.all_reduce(total, group=self.data_group)
         return total.clamp(min=1.0).float()
 
