@@ -60,6 +60,22 @@ def check_token_logps(rank: int, group: dist.ProcessGroup) -> None:
         _close(local.grad, whole.grad[..., _slice(rank)])
 
 
+def check_token_logps_padded_shard(rank: int, group: dist.ProcessGroup) -> None:
+    # Rank 1's slice of the first rows is all −inf (as for padded vocabulary entries).
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(4, VOCAB, generator=gen, dtype=torch.float64)
+    full[:2, BOUNDS[1] :] = float("-inf")
+    labels = torch.tensor([0, 5, 7, 10])
+    local = full[:, _slice(rank)].clone().requires_grad_()
+    whole = full.clone().requires_grad_()
+    out = token_logps(local, labels, group=group, vocab_start=BOUNDS[rank])
+    ref = token_logps(whole, labels)
+    _close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    _close(local.grad, whole.grad[:, _slice(rank)])
+
+
 def check_sequence_logps_average(rank: int, group: dist.ProcessGroup) -> None:
     gen = torch.Generator().manual_seed(1)
     full = torch.randn(3, 4, VOCAB, generator=gen, dtype=torch.float64)
@@ -146,6 +162,7 @@ def check_kto_group_baseline(rank: int, group: dist.ProcessGroup) -> None:
 
 CHECKS: dict[str, Callable[[int, dist.ProcessGroup], None]] = {
     "token_logps": check_token_logps,
+    "token_logps_padded_shard": check_token_logps_padded_shard,
     "sequence_logps_average": check_sequence_logps_average,
     "chunked_linear_logps": check_chunked_linear_logps,
     "topk_kd_loss": check_topk_kd_loss,

@@ -72,9 +72,12 @@ class _TokenLogps(torch.autograd.Function):
             if group is None:
                 log_probs[rows] = buf.gather(1, columns[rows].unsqueeze(1)).squeeze(1)
             else:
-                # log_softmax at the row max is exactly −log Σ exp(z − max).
-                shift[rows] = chunk.amax(dim=-1).to(cdt)
-                log_sum[rows] = buf.amax(dim=-1).neg_()
+                # log_softmax at the row max is exactly −log Σ exp(z − max). A slice row of
+                # −inf only (e.g. padded vocabulary) contributes nothing to the global sum.
+                row_max = chunk.amax(dim=-1).to(cdt)
+                empty = torch.isneginf(row_max)
+                shift[rows] = torch.where(empty, torch.zeros_like(row_max), row_max)
+                log_sum[rows] = torch.where(empty, row_max, buf.amax(dim=-1).neg_())
         del work
 
         if group is None:
@@ -101,6 +104,8 @@ class _TokenLogps(torch.autograd.Function):
         g = torch.where(valid, g, torch.zeros_like(g))
         g_target = torch.where(owned, g, torch.zeros_like(g)).unsqueeze(1)
         coef = (-g if factor is None else -g * factor).unsqueeze(1)
+        # Slice rows without any finite logit have a NaN local softmax and no share of the mass.
+        dead = None if factor is None else (factor == 0).unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad_rows = grad.view(-1, vocab_local)
@@ -112,6 +117,8 @@ class _TokenLogps(torch.autograd.Function):
             # d log p_y / d z_v = 1[v = y] − softmax(z)_v, times the upstream gradient.
             torch.softmax(chunk, -1, dtype=cdt, out=buf)
             buf.mul_(coef[rows])
+            if dead is not None:
+                buf.masked_fill_(dead[rows], 0.0)
             buf.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
             if work is not None:
                 out.copy_(buf)
