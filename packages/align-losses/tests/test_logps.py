@@ -105,9 +105,10 @@ def test_token_logps_keeps_no_vocab_sized_tensor_for_backward() -> None:
     assert lean.saved, "the custom function saves the logits themselves"
 
 
-def test_token_logps_bf16_accumulates_in_fp32() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_logps_half_precision_accumulates_in_fp32(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(6, 300, generator=gen) * 4).to(torch.bfloat16).requires_grad_()
+    logits = (torch.randn(6, 300, generator=gen) * 4).to(dtype).requires_grad_()
     labels = torch.randint(0, 300, (6,), generator=gen)
     weights = torch.randn(6, generator=gen)
     out = token_logps(logits, labels)
@@ -116,7 +117,7 @@ def test_token_logps_bf16_accumulates_in_fp32() -> None:
     ref = naive_token_logps(exact, labels)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     grad = _grad(out, logits, weights)
-    assert grad.dtype == torch.bfloat16
+    assert grad.dtype == dtype
     torch.testing.assert_close(
         grad.double(), _grad(ref, exact, weights.double()), atol=1e-2, rtol=1e-2
     )
