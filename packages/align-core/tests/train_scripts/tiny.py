@@ -55,12 +55,13 @@ def preference_examples(n: int, seed: int = 0) -> list[PreferenceExample]:
 
 
 def unpaired_examples(n: int, seed: int = 0) -> list[UnpairedExample]:
-    """Each synthetic prompt with its chosen (desirable) or rejected response, alternating."""
+    """Each of ``n`` synthetic prompts twice: with its chosen (desirable) and its rejected
+    (undesirable) response, as align-data's synthetic unpaired files hold them."""
     out = []
-    for i, p in enumerate(generate_pairs(n, seed=seed)):
-        good = i % 2 == 0
-        text = p.chosen if good else p.rejected
-        out.append(UnpairedExample(_ids(p.prompt, bos=True), _ids(text, eos=True), good, index=i))
+    for p in generate_pairs(n, seed=seed):
+        for good, text in ((True, p.chosen), (False, p.rejected)):
+            prompt = _ids(p.prompt, bos=True)
+            out.append(UnpairedExample(prompt, _ids(text, eos=True), good, index=len(out)))
     return out
 
 
