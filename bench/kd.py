@@ -13,19 +13,15 @@ the student loss's peak memory with the top-k KD loss against a dense full-vocab
    teacher logits and for bf16 ones (a bf16 teacher's logits print shorter). Plus the time to
    fetch one random sample: memory-mapped store vs scanning the JSONL.
 3. Memory: one student loss step on ``[N, V]`` logits from hidden states and an output layer,
-   forward + backward, run in a fresh process each; peak resident memory above the inputs
-   (CUDA: peak allocated).
+   forward + backward; peak tensor memory above the inputs, counted by torch's ``MemTracker``
+   (every tensor storage allocated through the dispatcher, on CPU or CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,31 +45,41 @@ def _examples(tmp: Path, n: int):
 
 
 def _nemo_jsonl(examples, reader, path: Path, batch_size: int, bf16: bool) -> int:
-    """Write NeMo-Aligner's KD JSONL for the stored top-k; returns its size in bytes."""
+    """Write NeMo-Aligner's KD JSONL for the stored top-k; returns its size in bytes.
+
+    Lines as ``compute_topk_logits.py`` writes them: every field of NeMo's SFT collate but
+    ``position_ids``/``attention_mask`` (``tokens``, ``labels``, ``loss_mask``, ``contexts``,
+    ``context_lengths``, ``answers``, ``metadata``), each batch padded with EOS to its longest
+    sequence rounded up to a multiple of 8, then ``topk_logits``, ``topk_token_ids``,
+    ``log_sum_exp_logits`` (padding positions included) and ``index``.
+    """
     eos = 258
     with open(path, "w", encoding="utf-8") as f:
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
             seqs = [np.concatenate([e.prompt_ids, e.completion_ids]).tolist() for e in chunk]
-            s = max(len(x) for x in seqs) - 1
+            s = -(-(max(len(x) for x in seqs) - 1) // 8) * 8
             for i, (e, seq) in enumerate(zip(chunk, seqs, strict=True)):
                 n = len(seq) - 1
+                pad = s - n
                 sample = reader[lo + i]
                 logits = sample.logits.float()
                 if bf16:
                     logits = logits.bfloat16().float()
                 k = logits.shape[1]
                 prompt = len(e.prompt_ids)
+                answer = seq[prompt:]
                 obj = {
-                    "tokens": seq[:-1] + [eos] * (s - n),
-                    "labels": seq[1:] + [eos] * (s - n),
-                    "loss_mask": [0] * (prompt - 1) + [1] * (n - prompt + 1) + [0] * (s - n),
+                    "tokens": seq[:-1] + [eos] * pad,
+                    "labels": seq[1:] + [eos] * pad,
+                    "loss_mask": [0] * (prompt - 1) + [1] * (n - prompt + 1) + [0] * pad,
+                    "contexts": seq[:prompt] + [eos] * (s - prompt),
                     "context_lengths": prompt,
-                    "answers": seq[prompt:],
+                    "answers": answer + [eos] * (s - len(answer)),
                     "metadata": {},
-                    "topk_logits": logits.tolist() + [[0.0] * k] * (s - n),
-                    "topk_token_ids": sample.ids.tolist() + [[0] * k] * (s - n),
-                    "log_sum_exp_logits": sample.logsumexp.tolist() + [0.0] * (s - n),
+                    "topk_logits": logits.tolist() + [[0.0] * k] * pad,
+                    "topk_token_ids": sample.ids.tolist() + [[0] * k] * pad,
+                    "log_sum_exp_logits": sample.logsumexp.tolist() + [0.0] * pad,
                     "index": lo + i,
                 }
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -128,7 +134,9 @@ def teacher_and_size(args: argparse.Namespace) -> list[str]:
             )
         reader = open_teacher_store(tmp / "store-fp32")
         for label, bf16 in (("fp32 logits", False), ("bf16 logits", True)):
-            jsonl = _nemo_jsonl(examples, reader, tmp / f"nemo-{bf16}.jsonl", 8, bf16)
+            jsonl = _nemo_jsonl(
+                examples, reader, tmp / f"nemo-{bf16}.jsonl", args.nemo_batch_size, bf16
+            )
             for dtype in ("bf16", "fp32"):
                 rows.append(
                     f"| NeMo JSONL ({label}) vs store ({dtype}) | {jsonl / positions:,.0f} vs "
@@ -155,73 +163,47 @@ def teacher_and_size(args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def _peak_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+def _loss_step(kind: str, n: int, vocab: int, hidden: int, k: int, device: str) -> int:
+    """One student loss step (forward + backward); the peak tensor memory above its inputs."""
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-
-def memory_worker(kind: str, n: int, vocab: int, hidden: int, k: int) -> None:
-    """One loss step in this process; prints the peak memory above the inputs (bytes)."""
     from align_losses import topk_kd_loss
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(n, hidden, generator=g).to(device).requires_grad_(True)
     w = (torch.randn(vocab, hidden, generator=g) * 0.05).to(device).requires_grad_(True)
     t_logits = torch.sort(torch.randn(n, k, generator=g) * 3, descending=True).values.to(device)
-    t_ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)]).to(device)
+    t_ids = torch.argsort(torch.rand(n, vocab, generator=g), dim=-1)[:, :k].to(device)
     t_lse = (torch.logsumexp(t_logits, -1) + 1.0).to(device)
-    # Warm up the allocator and the kernels once on a tiny problem.
-    warm = torch.randn(4, vocab, device=device, requires_grad=True)
-    topk_kd_loss(warm, t_logits[:4], t_ids[:4]).sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = _peak_bytes() if device == "cuda" else _current_rss()
-    logits = h @ w.t()
-    if kind == "topk":
-        loss = topk_kd_loss(logits, t_logits, t_ids).mean()
-    elif kind == "topk_tail":
-        loss = topk_kd_loss(logits, t_logits, t_ids, teacher_logsumexp=t_lse).mean()
-    else:  # dense: the teacher's top-k as a dense [N, V] target, full-vocabulary KL
-        target = torch.full((n, vocab), float("-inf"), device=device)
-        target.scatter_(1, t_ids, torch.log_softmax(t_logits, -1))
-        loss = torch.nn.functional.kl_div(
-            torch.log_softmax(logits, -1), target, log_target=True, reduction="batchmean"
-        )
-    loss.backward()
-    print(_peak_bytes() - before)
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    tracker = MemTracker()
+    tracker.track_external(h, w, t_logits, t_ids, t_lse)
+    with tracker:
+        start = tracker.get_tracker_snapshot("current")[torch.device(device)]["Total"]
+        logits = h @ w.t()
+        if kind == "topk":
+            loss = topk_kd_loss(logits, t_logits, t_ids).mean()
+        elif kind == "topk_tail":
+            loss = topk_kd_loss(logits, t_logits, t_ids, teacher_logsumexp=t_lse).mean()
+        else:  # dense: the teacher's top-k as a dense [N, V] target, full-vocabulary KL
+            target = torch.full((n, vocab), float("-inf"), device=device)
+            target.scatter_(1, t_ids, torch.log_softmax(t_logits, -1))
+            loss = torch.nn.functional.kl_div(
+                torch.log_softmax(logits, -1), target, log_target=True, reduction="batchmean"
+            )
+        loss.backward()
+        del logits, loss
+    return tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"] - start
 
 
 def memory(args: argparse.Namespace) -> list[str]:
-    rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     n, v = args.tokens, args.vocab
-    logits_mb = n * v * 4 / 2**20
-    results = {}
-    for kind in ("topk", "topk_tail", "dense"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--memory-worker",
-            kind,
-            "--tokens",
-            str(n),
-            "--vocab",
-            str(v),
-            "--hidden",
-            str(args.hidden),
-            "--top-k",
-            str(args.top_k),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[kind] = int(out.stdout.strip().splitlines()[-1]) / 2**20
+    logits_mib = n * v * 4 / 2**20
+    results = {
+        kind: _loss_step(kind, n, v, args.hidden, args.top_k, device) / 2**20
+        for kind in ("topk", "topk_tail", "dense")
+    }
+    rows = []
     for kind, label in (
         ("topk", "topk_kd_loss (K-way)"),
         ("topk_tail", "topk_kd_loss + tail"),
@@ -229,8 +211,8 @@ def memory(args: argparse.Namespace) -> list[str]:
     ):
         rows.append(
             f"| student loss step peak, {label} | {results[kind]:,.0f} MiB "
-            f"| N={n:,} tokens, V={v:,} (logits {logits_mb:,.0f} MiB), "
-            f"{results['dense'] / max(results[kind], 1e-9):.1f}× less than dense |"
+            f"| N={n:,} tokens, V={v:,}, K={args.top_k} (one [N, V] fp32 = {logits_mib:,.0f} MiB)"
+            f"; dense / this = {results['dense'] / results[kind]:.1f}× |"
         )
     return rows
 
@@ -243,18 +225,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of the memory step")
-    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--nemo-batch-size", type=int, default=8, help="NeMo's batch_size")
     args = parser.parse_args()
-    if args.memory_worker:
-        memory_worker(args.memory_worker, args.tokens, args.vocab, args.hidden, args.top_k)
-        return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"align-kd benchmark on {device}, torch {torch.__version__}\n")
     print("| measurement | result | setting |")
     print("|---|---|---|")
     rows = [] if args.skip_teacher else teacher_and_size(args)
-    rows += memory(args)
+    rows += [] if args.skip_memory else memory(args)
     for row in rows:
         print(row, flush=True)
 

@@ -1,13 +1,32 @@
-"""``train_kd`` end to end with an online teacher: metrics, checkpoint, resume; config errors."""
+"""``train_kd`` end to end: online teacher (metrics, checkpoint, resume), NeMo-Aligner JSONL;
+config errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from _kd_helpers import STUDENT_CFG, TEACHER_CFG
+from _kd_helpers import (
+    STUDENT_CFG,
+    TEACHER_CFG,
+    TOKENIZER,
+    VOCAB,
+    build,
+    nemo_kd_lines,
+    synthetic_examples,
+)
 
 from align_core.nemo import TokenizerSpec, write_tiny_nemo
 from align_core.trainer import DataConfig, InMemorySink, SyntheticConfig, TrainerConfig
-from align_kd import KDRunConfig, KnowledgeDistillationConfig, TeacherSourceConfig, train_kd
+from align_kd import (
+    KDRunConfig,
+    KnowledgeDistillationConfig,
+    TeacherPassConfig,
+    TeacherSourceConfig,
+    open_teacher_store,
+    run_teacher_pass,
+    train_kd,
+)
 
 DATA = DataConfig(
     micro_batch_size=4,
@@ -59,3 +78,29 @@ def test_run_config_errors(tmp_path):
             teacher=TeacherSourceConfig(directory="a"),
             data=DataConfig(packing=True),
         )
+
+
+def test_offline_run_from_nemo_aligner_jsonl(dist_ctx, tmp_path):
+    examples, _ = synthetic_examples(tmp_path / "data", num_train=16)
+    cfg = TeacherPassConfig(output_dir=str(tmp_path / "store"), top_k=4, dtype="fp32")
+    run_teacher_pass(
+        build(TEACHER_CFG, seed=3), examples, cfg, vocab_size=VOCAB, pad_id=TOKENIZER.pad_id
+    )
+    lines = nemo_kd_lines(
+        examples, open_teacher_store(tmp_path / "store"), batch_size=4, eos_id=TOKENIZER.eos_id
+    )
+    jsonl = tmp_path / "topk.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = train_kd(
+        KDRunConfig(
+            run_dir=str(tmp_path / "run"),
+            teacher=TeacherSourceConfig(nemo_jsonl=(str(jsonl),)),
+            model=STUDENT_CFG,
+            data=DataConfig(micro_batch_size=4, global_batch_size=8),
+            trainer=TrainerConfig(max_steps=1, val_check_interval=0),
+            export_nemo=False,
+        )
+    )
+    assert result.steps == 1
+    assert result.last_train_metrics["kd_loss"] > 0
+    assert 0 <= result.last_train_metrics["top1_agreement"] <= 1

@@ -221,22 +221,30 @@ def _offline_examples(
     run: KDRunConfig, base: RunConfig, tokenizer: Any, seq_length: int
 ) -> tuple[Sequence[Any], Sequence[Any], int | None]:
     """Training and validation `KDExample` sequences, and the teacher's vocabulary size."""
+    import torch.distributed as dist
+
     from align_core.trainer.build import load_datasets, on_main_then_all
-    from align_kd.data import import_nemo_kd_jsonl
+    from align_data import TeacherTopKReader
+    from align_kd.data import TeacherExamples, import_nemo_kd_jsonl, nemo_kd_examples
     from align_kd.teacher import open_teacher_store, teacher_vocab_size
 
     src = run.teacher
     if src.nemo_jsonl:
         root = Path(run.run_dir) / "teacher_import"
-        train = on_main_then_all(lambda: import_nemo_kd_jsonl(src.nemo_jsonl, root / "train"))
-        val: Sequence[Any] = []
-        if src.nemo_jsonl_validation:
-            val = on_main_then_all(
-                lambda: import_nemo_kd_jsonl(src.nemo_jsonl_validation, root / "validation")
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        splits = {"train": src.nemo_jsonl, "validation": src.nemo_jsonl_validation}
+        paired: dict[str, Sequence[Any]] = {"train": [], "validation": []}
+        for split, paths in splits.items():
+            if not paths:
+                continue
+            # Rank 0 writes the store; the others read it once it is complete.
+            imported = on_main_then_all(
+                lambda p=paths, s=split: import_nemo_kd_jsonl(p, root / s) if main else None
             )
-        return train, val, None
-    from align_kd.data import TeacherExamples
-
+            if imported is None:
+                imported = TeacherExamples(nemo_kd_examples(paths), TeacherTopKReader(root / split))
+            paired[split] = imported
+        return paired["train"], paired["validation"], None
     assert src.directory is not None
     datasets = load_datasets(base, tokenizer, seq_length)
     root = Path(src.directory)
