@@ -112,6 +112,15 @@ def teacher_and_size(args: argparse.Namespace) -> list[str]:
         examples = _examples(tmp, args.examples)
         positions = sum(len(e.prompt_ids) + len(e.completion_ids) - 1 for e in examples)
         sizes = {}
+        warm = TeacherPassConfig(output_dir=str(tmp / "warm-up"), top_k=args.top_k)
+        run_teacher_pass(  # first forwards pay one-off set-up costs
+            teacher,
+            examples[:8],
+            warm,
+            vocab_size=args.vocab,
+            pad_id=256,
+            progress=lambda s, p: None,
+        )
         for dtype in ("bf16", "fp32"):
             out = tmp / f"store-{dtype}"
             pass_cfg = TeacherPassConfig(
