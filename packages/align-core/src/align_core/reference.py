@@ -243,13 +243,22 @@ def model_fingerprint(model: torch.nn.Module, *, group: dist.ProcessGroup | None
 class SwapReference:
     """Reference weights kept on the host and swapped into the live model per reference pass.
 
-    The reference (initial) weights are copied to CPU memory once, pinned when CUDA is present.
-    A second host buffer of the same size is allocated once for the policy weights. Each
-    reference pass copies the policy weights out (one device-to-host copy per parameter), the
-    reference weights in (one host-to-device copy), runs the forward, and copies the policy
-    weights back in a ``finally`` block, all with ``non_blocking`` copies on the current stream
-    (stream order keeps them correct); nothing is allocated per pass. Optimizer state and fp32
-    master weights are not touched.
+    The reference (initial) weights are copied to host memory once, pinned when CUDA is
+    present. Each reference pass makes **one host-to-device copy** of them into the live
+    parameters, runs the forward, and puts the policy weights back in a ``finally`` block. The
+    policy weights are parked meanwhile:
+
+    - on the device, in the parameter's megatron-DDP gradient buffer (``main_grad``, same shape,
+      float32 or the parameter's dtype): between ``zero_grad_buffer`` and the backward pass, and
+      between steps, that buffer holds nothing needed, so parking costs two device-local copies
+      and no host traffic; the buffer is zeroed again afterwards;
+    - otherwise (a model not wrapped in megatron DDP) in a second host buffer allocated once:
+      one device-to-host copy out and one host-to-device copy back.
+
+    All copies are ``non_blocking`` on the current stream (stream order keeps them correct);
+    nothing is allocated per pass; optimizer state and fp32 master weights are not touched.
+    NeMo-Aligner's ``cpu_weight_swap`` instead snapshots the live weights into a fresh,
+    unpinned CPU copy and loads two full state dicts per pass.
     """
 
     strategy: Strategy = "swap"
@@ -266,29 +275,52 @@ class SwapReference:
         self._forward_fn = forward_fn
         self._merge = merge
         self._params = [p for _, p in _parameters(model)]
-        pin = torch.cuda.is_available()
-        self._reference = [self._host_like(p, pin).copy_(p.detach()) for p in self._params]
-        self._stash = [self._host_like(p, pin) for p in self._params]
+        self._pin = torch.cuda.is_available()
+        self._reference = [self._host_like(p).copy_(p.detach()) for p in self._params]
+        self._host_stash: dict[int, Tensor] = {}
         self._fingerprint = model_fingerprint(model)
 
+    def _host_like(self, p: Tensor) -> Tensor:
+        return torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=self._pin)
+
     @staticmethod
-    def _host_like(p: Tensor, pin: bool) -> Tensor:
-        return torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+    def _device_stash(p: Tensor) -> Tensor | None:
+        grad = getattr(p, "main_grad", None)
+        if grad is None or grad.shape != p.shape or grad.device != p.device:
+            return None
+        return grad if grad.dtype in (torch.float32, p.dtype) else None
+
+    def _stash(self, i: int, p: Tensor) -> tuple[Tensor, bool]:
+        device = self._device_stash(p)
+        if device is not None:
+            return device, True
+        if i not in self._host_stash:
+            self._host_stash[i] = self._host_like(p)
+        return self._host_stash[i], False
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held: the reference weights plus any host stash."""
+        tensors = [*self._reference, *self._host_stash.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Context in which the live model holds the reference weights."""
+        stashes = [self._stash(i, p) for i, p in enumerate(self._params)]
         with torch.no_grad():
-            for p, s in zip(self._params, self._stash, strict=True):
-                s.copy_(p.detach(), non_blocking=True)
+            for p, (stash, _) in zip(self._params, stashes, strict=True):
+                stash.copy_(p.detach(), non_blocking=True)
             for p, r in zip(self._params, self._reference, strict=True):
                 p.detach().copy_(r, non_blocking=True)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, s in zip(self._params, self._stash, strict=True):
-                    p.detach().copy_(s, non_blocking=True)
+                for p, (stash, on_device) in zip(self._params, stashes, strict=True):
+                    p.detach().copy_(stash, non_blocking=True)
+                    if on_device:
+                        stash.zero_()
 
     def logps(self, micro_batches: Sequence[ModelBatch], *, split: str) -> list[Tensor]:
         """Reference log-probs with the reference weights swapped in."""
