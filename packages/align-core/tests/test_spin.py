@@ -19,7 +19,9 @@ from align_core.algorithms.spin import SPINConfig, SPINStep, spin_loss_and_metri
 from align_core.generation import LengthConfig, SamplingConfig
 from align_core.trainer import ReferenceConfig
 from align_core.trainer.spin import (
+    GenerateConfig,
     SPINTrainerConfig,
+    generate_jsonl,
     generation_length,
     plan_iterations,
     resolve_opponent_strategy,
@@ -34,7 +36,7 @@ from align_core.trainer.spin_rollout import (
     rollout,
     write_generations,
 )
-from align_data import CollateConfig, PreferenceExample
+from align_data import CollateConfig, DataError, PreferenceExample, generate_pairs
 
 _spec = importlib.util.spec_from_file_location(
     "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
@@ -337,3 +339,75 @@ def test_generations_file_round_trip_and_key_check(tmp_path):
         read_generations(path, {**key, "data": "y"})
     path.with_name("iter_0.meta.json").unlink()  # an incomplete file is not reused
     assert read_generations(path, key) is None
+
+
+# ---------------------------------------------------------------------------- align generate
+
+
+def _write_prompts(path: Path, records: list) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+
+
+def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(
+        prompts,
+        [
+            {"prompt": "loud: cat dog\n", "id": 7},
+            {"input": "quiet: sun\n"},
+            {"prompt": "ask: sea sky\n", "completion": "Sea sky?"},  # an SFT record
+            {"messages": [{"role": "user", "content": "loud: red"}]},
+        ],
+    )
+    greedy = SamplingConfig(use_greedy=True)
+    config = GenerateConfig(
+        prompts_file=str(prompts),
+        output_file=str(tmp_path / "out.jsonl"),
+        model=T.MODEL,
+        sampling_params=greedy,
+        length_params=LengthConfig(max_length=8),
+        micro_batch_size=3,
+    )
+    result = generate_jsonl(config)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert result.prompts == 4 and [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert result.generated_tokens == sum(r["generated_length"] for r in rows)
+    texts = ["loud: cat dog\n", "quiet: sun\n", "ask: sea sky\n"]
+    assert [r["prompt"] for r in rows[:3]] == texts
+    assert rows[3]["prompt"] == [{"role": "user", "content": "loud: red"}]
+    # The same fresh weights (same seed) answering [BOS] + bytes directly.
+    model = T.fresh_model(config.seed)
+    direct = make_generator(model, T.TOK, 64).generate(
+        [[T.TOK.bos_id, *T.TOK.encode(t)] for t in texts], greedy, LengthConfig(max_length=8)
+    )
+    assert [r["completion"] for r in rows[:3]] == direct.texts
+    assert [r["prompt_length"] for r in rows[:3]] == [len(t) + 1 for t in texts]
+    assert [r["generated_length"] for r in rows[:3]] == direct.response_lengths.tolist()
+
+
+def test_generate_jsonl_sampling_does_not_depend_on_the_batch_size(dist_ctx, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, [{"prompt": p.prompt} for p in generate_pairs(5, seed=3)])
+    outputs = []
+    for size in (1, 4):
+        out = tmp_path / f"out{size}.jsonl"
+        generate_jsonl(
+            GenerateConfig(
+                prompts_file=str(prompts),
+                output_file=str(out),
+                model=T.MODEL,
+                length_params=LengthConfig(max_length=6),
+                micro_batch_size=size,
+            )
+        )
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+
+
+def test_generate_jsonl_names_the_bad_line(dist_ctx, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, [{"prompt": "loud: cat\n"}, {"prompt": 3}])
+    config = GenerateConfig(str(prompts), str(tmp_path / "out.jsonl"), model=T.MODEL)
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt: expected a string"):
+        generate_jsonl(config)
+    assert not (tmp_path / "out.jsonl").exists()
