@@ -11,7 +11,11 @@ training) it measures, after one warm-up step, the best of ``--steps`` timed ste
 - saving a checkpoint (model + optimizer + RNG, `align_core.Checkpointer`) and loading it into
   fresh objects.
 
-It prints a markdown table. Timings are wall-clock minima; on a shared machine they are noisy.
+It prints a markdown table: wall-clock minima, and in parentheses the minima of this process's
+CPU time (``time.process_time``; the checkpoint writer's forked processes are not counted). On a
+busy machine the wall times are noisy and more than one thread can make them much worse (OpenMP
+threads spin waiting for each other); with ``--threads 1`` the CPU time is close to what a quiet
+machine takes.
 """
 
 from __future__ import annotations
@@ -41,14 +45,16 @@ CONFIGS = {
 }
 
 
-def _best(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
+def _best(fn, steps: int) -> tuple[float, float]:
+    """Best wall-clock and best process-CPU seconds of ``steps`` calls after one warm-up."""
+    fn()
+    walls, cpus = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -111,23 +117,35 @@ def bench(name: str, steps: int) -> dict[str, float | str]:
         "config": name,
         "params": f"{params / 1e6:.1f} M",
         "batch": f"{micro}×{seq}",
-        "fwd+bwd tok/s (logits)": f"{n_tokens / logits_s:,.0f}",
-        "fwd+bwd tok/s (fused)": f"{n_tokens / fused_s:,.0f}",
-        "optimizer step": f"{optim_s:.2f} s",
+        "fwd+bwd tok/s, logits (per CPU-s)": _rate(n_tokens, logits_s),
+        "fwd+bwd tok/s, fused (per CPU-s)": _rate(n_tokens, fused_s),
+        "optimizer step": _secs(optim_s),
         "ckpt size": f"{size / 2**20:.0f} MiB",
-        "save": f"{save_s:.2f} s",
-        "load": f"{load_s:.2f} s",
+        "save": _secs(save_s),
+        "load": _secs(load_s),
     }
+
+
+def _rate(n: int, times: tuple[float, float]) -> str:
+    return f"{n / times[0]:,.0f} ({n / times[1]:,.0f})"
+
+
+def _secs(times: tuple[float, float]) -> str:
+    return f"{times[0]:.2f} s ({times[1]:.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m")
     parser.add_argument("--steps", type=int, default=2, help="timed repetitions (best is kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from align_core import ParallelConfig, init_distributed
 

@@ -88,6 +88,12 @@ def test_layout_of_the_directory_and_keep_last(dist_ctx, tmp_path):
     ]
     with pytest.raises(FileNotFoundError):
         ckpt.load(model, step=10)
+    # Resuming from an earlier step and saving again: `latest` names the newest write, and
+    # pruning never removes it.
+    ckpt.save(25, model)
+    assert ckpt.latest_step() == 25 and ckpt.steps() == [25, 30]
+    (tmp_path / "run" / "latest").unlink()  # e.g. killed between the rename and the marker
+    assert ckpt.latest_step() == 30
     with pytest.raises(ValueError, match="no optimizer state"):
         ckpt.load(model, optimizer)
     with pytest.raises(ValueError, match="keep_last"):
@@ -121,6 +127,7 @@ def test_killed_mid_save_leaves_the_previous_checkpoint_resumable(dist_ctx, tmp_
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model; extra threads only contend
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "train_and_crash.py"), str(ckpt_dir), str(result)],
         env=env,

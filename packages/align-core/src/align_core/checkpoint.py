@@ -12,9 +12,9 @@ A save writes everything into ``tmp.step_N`` (every rank writes its shards; mega
 metadata last), waits for all ranks, and only then renames the directory to ``step_N`` (an atomic
 ``rename`` on one filesystem) and replaces ``latest``. A process killed at any point before the
 rename leaves the previous ``step_*`` untouched and ``latest`` pointing at it; one killed between
-the rename and the ``latest`` update is still found, because loading picks the newest ``step_*``
-directory (they only ever exist complete). Old checkpoints beyond ``keep_last`` are deleted after
-the new one is published.
+the rename and the ``latest`` update resumes from the previous checkpoint, which ``latest`` still
+names (``step_*`` directories only ever exist complete). Old checkpoints beyond ``keep_last`` are
+deleted after the new one is published.
 
 Contents: the model (any TP/PP layout can load it), the optimizer (the non-distributed optimizer
 reshards like the model; the distributed optimizer uses megatron's ``dp_reshardable`` format,
@@ -202,7 +202,18 @@ class Checkpointer:
         return self.directory / f"step_{step:06d}"
 
     def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step, or None when there is none."""
+        """The checkpoint to resume from, or None when there is none.
+
+        That is the one ``latest`` names when it exists and is complete (the most recently
+        written, even if a higher step survives from an abandoned branch of the run), else the
+        highest complete step (``latest`` is written just after the rename, so a process killed
+        in between leaves it one checkpoint behind).
+        """
+        marker = self.directory / "latest"
+        if marker.is_file():
+            match = _STEP_DIR.match(marker.read_text().strip())
+            if match and self.path(int(match.group(1))).is_dir():
+                return int(match.group(1))
         steps = self.steps()
         return steps[-1] if steps else None
 
@@ -303,13 +314,15 @@ class Checkpointer:
                 os.rename(tmp, final)
             _fsync_dir(self.directory)
             _write_atomically(self.directory / "latest", final.name + "\n")
-            self._prune()
+            self._prune(keep=step)
         dist.barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, keep: int) -> None:
+        """Delete all but the ``keep_last`` highest steps, never the one just written."""
         for old in self.steps()[: -self.keep_last]:
-            shutil.rmtree(self.path(old), ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(self.path(old), ignore_errors=True)
 
     # ----------------------------------------------------------------- loading
     def load(
