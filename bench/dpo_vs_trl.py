@@ -92,11 +92,10 @@ def _text_of_length(rng: random.Random, encode: Any, target: int) -> str:
 def build_assets(workdir: Path) -> dict[str, Any]:
     """The model (.nemo with its tokenizer), the tokenizer files and the JSONL rows."""
     from align_core.config import ModelConfig
-    from align_core.nemo import write_byte_bpe_files, write_tiny_nemo
-    from align_core.trainer.build import tokenizer_from_spec
+    from align_core.nemo import build_tokenizer, write_byte_bpe_files, write_tiny_nemo
 
     spec = write_byte_bpe_files(workdir / "tokenizer", VOCAB)
-    tokenizer = tokenizer_from_spec(spec)
+    tokenizer = build_tokenizer(spec)
     model = ModelConfig(
         num_layers=LAYERS,
         hidden_size=HIDDEN,
@@ -197,10 +196,11 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     import torch
     from datasets import Dataset
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
-        GPT2TokenizerFast,
         LlamaConfig,
         LlamaForCausalLM,
+        PreTrainedTokenizerFast,
         TrainerCallback,
     )
     from trl import DPOConfig, DPOTrainer
@@ -208,11 +208,12 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     workdir = Path(config["workdir"])
-    tokenizer = GPT2TokenizerFast(
-        vocab_file=config["vocab_file"],
-        merges_file=config["merge_file"],
-        eos_token="<|endoftext|>",
-        pad_token="<|reserved_0|>",
+    # The same byte-level BPE as align's (vocab.json + merges.txt), as a fast HF tokenizer.
+    bpe = Tokenizer(models.BPE.from_file(config["vocab_file"], config["merge_file"]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|reserved_0|>"
     )
     model = LlamaForCausalLM(
         LlamaConfig(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = [
+    "DEFAULT_MASTER_PORT",
     "LaunchOptions",
     "first_host",
+    "free_port",
     "launcher",
     "prepare_slurm_env",
     "run_torchrun",
@@ -33,6 +36,16 @@ __all__ = [
 ]
 
 Launcher = Literal["torchrun", "slurm"]
+
+DEFAULT_MASTER_PORT = 29500
+"""torchrun's default rendezvous port, used when several nodes must agree without being told."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,7 @@ class LaunchOptions:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = DEFAULT_MASTER_PORT
 
     @property
     def world_size(self) -> int:

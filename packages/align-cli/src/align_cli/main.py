@@ -146,7 +146,13 @@ def _register_run(command: str) -> None:
         master_addr: Annotated[
             str, typer.Option("--master-addr", help="Address of node 0.")
         ] = "127.0.0.1",
-        master_port: Annotated[int, typer.Option("--master-port", help="Port on node 0.")] = 29500,
+        master_port: Annotated[
+            int | None,
+            typer.Option(
+                "--master-port",
+                help="Port on node 0 (default: a free port on one node, else 29500).",
+            ),
+        ] = None,
     ) -> None:
         _check_unknown_options(ctx)
         from align_cli.commands.run import RunOptions, execute

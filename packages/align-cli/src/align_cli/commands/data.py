@@ -34,14 +34,13 @@ def load_tokenizer(spec: str) -> Any:
     if not path.exists():
         raise UsageError(f"--tokenizer: {spec}: no such file (or 'byte')")
     if path.suffix == ".nemo" or (path.is_dir() and (path / "model_config.yaml").exists()):
-        # The trainer's own rule, so data statistics match what training will see.
-        from align_core.nemo import open_nemo
-        from align_core.trainer.build import tokenizer_from_spec
+        # align-core's own construction, so data statistics match what training will see.
+        from align_core.nemo import build_tokenizer, open_nemo
 
         with open_nemo(path) as ckpt:
             try:
-                return tokenizer_from_spec(ckpt.tokenizer)
-            except ValueError as exc:
+                return build_tokenizer(ckpt.tokenizer)
+            except (ValueError, NotImplementedError) as exc:
                 raise UsageError(f"--tokenizer: {exc}") from exc
     if path.suffix == ".json":
         from align_data import HFTokenizer

@@ -8,6 +8,7 @@ Everything is done through align-core (model build, checkpoint load, ``.nemo`` w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -74,7 +75,14 @@ def export(run_dir: str, out: str | None, step: int | None, console: Console) ->
             from align_core.lora import merge_lora
 
             merge_lora(policy)
-        path = save_nemo(model, target, model_config, tokenizer=source.tokenizer_spec)
+        with contextlib.ExitStack() as stack:
+            spec = source.tokenizer_spec
+            if run.restore_from_path is not None:
+                # The tokenizer files live in the restored .nemo: keep it open while writing.
+                from align_core.nemo import open_nemo
+
+                spec = stack.enter_context(open_nemo(run.restore_from_path)).tokenizer
+            path = save_nemo(model, target, model_config, tokenizer=spec)
     finally:
         destroy_distributed()
     console.print(f"wrote {path} (step {chosen} of {root})", highlight=False)

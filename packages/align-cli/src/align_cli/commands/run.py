@@ -22,7 +22,7 @@ from align_cli.config import Composed, compose, load_tree, to_run_config, to_yam
 from align_cli.config.presets import DEMO, VARIANTS, algorithm_of, check_variant
 from align_cli.config.restore import base_model_for
 from align_cli.errors import UsageError
-from align_cli.launch import LaunchOptions, launcher, run_torchrun
+from align_cli.launch import DEFAULT_MASTER_PORT, LaunchOptions, free_port, launcher, run_torchrun
 from align_cli.progress import make_console
 from align_cli.rundir import (
     CONFIG_FILE,
@@ -53,7 +53,7 @@ class RunOptions:
         nnodes: ``--nnodes`` (None: ``trainer.num_nodes``).
         node_rank: ``--node-rank``.
         master_addr: ``--master-addr``.
-        master_port: ``--master-port``.
+        master_port: ``--master-port`` (None: a free port when on one node, else 29500).
         argv: The full command line, recorded in ``run.json``.
     """
 
@@ -69,7 +69,7 @@ class RunOptions:
     nnodes: int | None = None
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int | None = None
     argv: tuple[str, ...] = ()
 
 
@@ -145,12 +145,16 @@ def _launch_options(options: RunOptions, tree: Any) -> LaunchOptions:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if not 0 <= options.node_rank < nnodes:
         raise UsageError(f"--node-rank {options.node_rank} is not in [0, {nnodes})")
+    port = options.master_port
+    if port is None:
+        # One node: any free port (other jobs on the machine may hold torchrun's 29500).
+        port = free_port() if nnodes == 1 else DEFAULT_MASTER_PORT
     return LaunchOptions(
         nproc_per_node=nproc,
         nnodes=nnodes,
         node_rank=options.node_rank,
         master_addr=options.master_addr,
-        master_port=options.master_port,
+        master_port=port,
     )
 
 
