@@ -176,3 +176,19 @@ def test_packed_batches_give_the_padded_losses_and_gradients(dist_ctx, algorithm
         assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
         if algorithm == "dpo":
             assert ma["rewards_margin"] == pytest.approx(mb["rewards_margin"], abs=1e-5)
+
+
+@pytest.mark.parametrize("cause", ["sigterm", "max_time"])
+def test_stop_requests_save_at_the_next_step_boundary(dist_ctx, cause):
+    from align_core.trainer import StopRequest
+
+    trainer = _dpo_trainer(4)
+    saved = []
+    trainer._save = lambda step, state: saved.append((step, state)) or f"ckpt-{step}"
+    trainer.train_step()
+    stop = StopRequest(0.0 if cause == "max_time" else None)
+    stop.signalled = cause == "sigterm"
+    trainer.stop = stop
+    assert trainer.fit() == cause
+    assert trainer.state.step == 1  # no further step ran
+    assert [s for s, _ in saved] == [1] and saved[0][1]["consumed_samples"] == 8

@@ -76,3 +76,62 @@ def test_a_malformed_record_stops_the_run_naming_file_and_line(dist_ctx, tmp_pat
     data = DataConfig(train_files=(str(bad),), micro_batch_size=1, global_batch_size=1)
     with pytest.raises(DataError, match=r"train\.jsonl:2"):
         train(T.run_config(tmp_path / "run", data=data))
+
+
+def _synthetic(num_train, mbs=4, gbs=8):
+    from align_core.trainer import SyntheticConfig
+
+    return DataConfig(
+        micro_batch_size=mbs,
+        global_batch_size=gbs,
+        synthetic=SyntheticConfig(num_train=num_train, num_validation=8),
+    )
+
+
+def test_kto_precomputed_reference_matches_swap_over_two_epochs(dist_ctx, tmp_path):
+    from align_core.trainer import ReferenceConfig, TrainerConfig
+
+    # 8 prompts -> 16 unpaired examples -> 2 steps per epoch; the KL pairs change each epoch.
+    trainer = TrainerConfig(max_epochs=2, val_check_interval=0, save_interval=0)
+    sinks = {}
+    for strategy in ("precompute", "swap"):
+        sinks[strategy] = InMemorySink()
+        result = train(
+            T.run_config(
+                tmp_path / strategy,
+                "kto",
+                data=_synthetic(8),
+                trainer=trainer,
+                reference=ReferenceConfig(strategy=strategy),
+                export_nemo=False,
+            ),
+            sinks=[sinks[strategy]],
+        )
+        assert result.steps == 4 and result.reference_strategy == strategy
+    pre, swap = sinks["precompute"], sinks["swap"]
+    assert pre.series("epoch") == [1.0, 1.0, 2.0, 2.0]
+    for key in ("loss", "kl", "rewards_margin"):
+        assert pre.series(key) == pytest.approx(swap.series(key), rel=1e-5, abs=1e-6), key
+    caches = list((tmp_path / "precompute" / "reference_cache").iterdir())
+    assert len(caches) == 1  # the train split (no validation run)
+
+
+def test_lora_run_trains_only_adapters_against_the_disabled_adapter_reference(dist_ctx, tmp_path):
+    from align_core.lora import LoraConfig
+    from align_core.trainer import TrainerConfig
+
+    sink = InMemorySink()
+    result = train(
+        T.run_config(
+            tmp_path,
+            data=_synthetic(16),
+            trainer=TrainerConfig(max_steps=2, val_check_interval=0, save_interval=0),
+            peft=LoraConfig(rank=4, alpha=8.0),
+        ),
+        sinks=[sink],
+    )
+    assert result.reference_strategy == "adapters" and result.steps == 2
+    assert sink.series("preference_loss")[0] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert sink.series("rewards_margin")[1] != 0.0  # the adapters moved the policy
+    with open_nemo(result.nemo_path) as ckpt:  # merged on export: a plain GPT checkpoint
+        assert not any("lora" in k for k in ckpt.full_state_dict())

@@ -8,7 +8,6 @@ is sent to every rank and raised everywhere, so a bad data file stops all ranks 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from align_core.algorithms.sft import SFTStep
 from align_core.config import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
-    from align_core.nemo import TokenizerSpec
     from align_core.trainer.run import RunConfig
     from align_data import Tokenizer
 
@@ -35,7 +33,6 @@ __all__ = [
     "load_datasets",
     "on_main_then_all",
     "resolve_model_source",
-    "tokenizer_from_spec",
 ]
 
 T = TypeVar("T")
@@ -73,62 +70,6 @@ def on_main_then_all(fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------------- tokenizer
-
-
-def tokenizer_from_spec(spec: TokenizerSpec | None) -> Tokenizer:
-    """An align-data tokenizer for a `.nemo` tokenizer description.
-
-    ``byte-level`` (or no tokenizer section) is align-data's `ByteTokenizer`; ``huggingface``
-    with a ``tokenizer.json`` and ``sentencepiece`` with a ``.model`` use align-data's adapters;
-    ``megatron`` GPT-2 BPE (``vocab_file`` + ``merge_file``) is converted to a Hugging Face
-    ``tokenizers`` byte-level BPE.
-
-    Raises:
-        ValueError: A tokenizer description none of these covers.
-    """
-    from align_data import ByteTokenizer
-
-    if spec is None or spec.library == "byte-level":
-        return ByteTokenizer()
-    try:
-        from align_core.nemo import build_tokenizer
-
-        return build_tokenizer(spec)
-    except NotImplementedError:
-        pass
-    if spec.library == "sentencepiece" and spec.model is not None:
-        from align_data import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(spec.model)
-    if spec.library == "huggingface" and spec.model is not None:
-        from align_data import HFTokenizer
-
-        return HFTokenizer(spec.model)
-    if spec.vocab_file is not None and spec.merge_file is not None:
-        return _gpt2_bpe(spec.vocab_file, spec.merge_file)
-    raise ValueError(
-        f"cannot build a tokenizer for library={spec.library!r} type={spec.type!r} "
-        f"files={sorted(spec.files())}"
-    )
-
-
-def _gpt2_bpe(vocab_file: Path, merge_file: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from align_data import HFTokenizer
-
-    tok = HFTok(models.BPE.from_file(str(vocab_file), str(merge_file)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    eos = "<|endoftext|>"
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        path = f.name
-    tok.save(path)
-    return HFTokenizer(path, eos_token=eos, pad_token=eos, bos_token=eos)
-
-
 # ------------------------------------------------------------------------------------ model
 
 
@@ -155,14 +96,14 @@ def resolve_model_source(run: RunConfig) -> ModelSource:
     Raises:
         ValueError: A fresh model whose vocabulary is smaller than the tokenizer's.
     """
-    from align_core.nemo import TokenizerSpec, open_nemo
+    from align_core.nemo import TokenizerSpec, build_tokenizer, open_nemo
 
     tp = run.parallel.tensor_model_parallel_size
     if run.restore_from_path is not None:
         with open_nemo(run.restore_from_path) as ckpt:
             model = run.model if run.model is not None else ckpt.model_config_for(tp)
             spec = ckpt.tokenizer
-            tokenizer = tokenizer_from_spec(spec)
+            tokenizer = build_tokenizer(spec)  # reads the artifacts while extracted
         return ModelSource(model, tokenizer, spec, run.restore_from_path)
     from align_data import ByteTokenizer
 

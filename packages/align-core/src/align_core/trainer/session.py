@@ -114,7 +114,7 @@ def _build_reference(
     splits: dict[str, tuple[int, Callable[[], Iterator[Iterator[list[ModelBatch]]]]]] = {
         "train": (rows, train_epochs)
     }
-    if plan.val_batches:
+    if plan.val_batches and plan.val_check_interval:
         splits["val"] = (max(len(data.val), 1), val_epochs)
     root = run.reference.cache_dir or str(Path(run.run_dir) / "reference_cache")
     writer = groups.is_last_stage and ps.get_tensor_model_parallel_rank() == 0

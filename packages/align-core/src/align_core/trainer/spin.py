@@ -29,7 +29,7 @@ Metrics (train): ``loss``, ``acc``, ``rewards_actual_mean``, ``rewards_generated
 ``generation_tokens_per_s`` (of the iteration's rollout) and the trainer's own (``grad_norm``,
 ``lr``, ``consumed_samples``, ``epoch`` within the iteration, ...). Validation: ``loss`` (SFT NLL
 per token of the held-out answers) and ``generated_length_mean`` of ``spin.val_generations``
-held-out prompts answered by the current policy, written to
+held-out prompts answered greedily by the current policy, written to
 ``run_dir/generations/val_step_<step>.jsonl``.
 """
 

@@ -352,7 +352,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
             make_generator(policy, tok, seq),
             ps,
             generation_seeds(run.seed, VALIDATION_STREAM, range(k)),
-            sampling=spin.sampling_params,
+            sampling=spin.validation_sampling,
             length=generation_length(spin.length_params, ps, seq),
             micro_batch_size=spin.rollout_micro_batch_size,
             group=groups.data,
