@@ -81,7 +81,7 @@ def _teacher_pass(teacher, examples, out: Path) -> None:
         cfg,
         vocab_size=VOCAB,
         pad_id=TOKENIZER.pad_id,
-        groups=TeacherGroups.from_megatron(),
+        groups=TeacherGroups.from_model(teacher),
         progress=lambda s, p: None,
     )
 

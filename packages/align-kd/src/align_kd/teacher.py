@@ -92,23 +92,26 @@ class TeacherGroups:
     device: torch.device = torch.device("cpu")  # noqa: RUF009
 
     @classmethod
-    def from_megatron(cls) -> TeacherGroups:
-        """The groups of megatron's ``parallel_state`` (after `align_core.init_distributed`)."""
-        from megatron.core import parallel_state as ps
+    def from_model(cls, model: torch.nn.Module) -> TeacherGroups:
+        """The groups of a megatron-core model chunk (its ``pg_collection``) and its stage."""
+        from align_core.model import unwrap_model
+
+        gpt = unwrap_model(model)
+        groups = gpt.pg_collection
 
         def sized(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
             return group if group.size() > 1 else None
 
-        last = ps.is_pipeline_last_stage()
+        last = bool(gpt.post_process)
         return cls(
-            tensor=sized(ps.get_tensor_model_parallel_group()),
-            model_parallel=sized(ps.get_model_parallel_group()),
-            data=sized(ps.get_data_parallel_group()),
+            tensor=sized(groups.tp),
+            model_parallel=sized(groups.mp),
+            data=sized(groups.dp),
             world=dist.group.WORLD if dist.get_world_size() > 1 else None,
-            data_rank=ps.get_data_parallel_rank(),
-            data_size=ps.get_data_parallel_world_size(),
+            data_rank=groups.dp.rank(),
+            data_size=groups.dp.size(),
             is_last_stage=last,
-            is_writer=last and ps.get_tensor_model_parallel_rank() == 0,
+            is_writer=last and groups.tp.rank() == 0,
             is_main=dist.get_rank() == 0,
             device=(
                 torch.device("cuda", torch.cuda.current_device())
@@ -284,7 +287,7 @@ def run_teacher_pass(
         vocab_size: The teacher's real vocabulary size (its tokenizer's); padded ids are never
             stored. Recorded in the stores for the training-time vocabulary check.
         pad_id: Padding token id.
-        groups: The parallel layout (`TeacherGroups.from_megatron` under megatron).
+        groups: The parallel layout (`TeacherGroups.from_model` of ``model``).
         progress: Called after each pipeline call with ``(samples, positions)`` newly written by
             this replica; default: a progress line on global rank 0.
 

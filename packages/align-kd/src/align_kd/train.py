@@ -196,7 +196,7 @@ def run_teacher(config: KDTeacherRunConfig) -> dict[str, TeacherPassResult]:
     seq_length = config.data.seq_length or source.model.seq_length
     datasets = load_datasets(base, tokenizer, seq_length)
     teacher = freeze(build_policy(source, config.parallel))
-    groups = TeacherGroups.from_megatron()
+    groups = TeacherGroups.from_model(teacher)
     results = {}
     for split, examples in zip(SPLITS, (datasets.train, datasets.val), strict=True):
         if split == "validation" and not examples:
