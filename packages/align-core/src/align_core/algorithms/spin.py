@@ -89,8 +89,10 @@ class SPINConfig:
         train_on_previous_iteration: Train iteration ``t ≥ 1`` on the pairs of iterations ``t``
             and ``t − 1`` together (the SPIN authors' recipe), so it has twice the pairs;
             iteration 0 has only its own.
-        val_generations: Validation prompts answered by the current policy at each validation
-            and written to ``run_dir/generations/val_step_<step>.jsonl`` (0: none).
+        val_generations: Validation prompts answered greedily by the current policy at each
+            validation (``sampling_params``' end strings, ``length_params``' limits), written to
+            ``run_dir/generations/val_step_<step>.jsonl`` (0: none). Greedy answers are
+            deterministic, so successive files show how the policy itself moves.
     """
 
     ref_policy_kl_penalty: float | tuple[float, ...] = 0.2
@@ -136,6 +138,11 @@ class SPINConfig:
                 f"needs at least {iteration + 1} (one per iteration)"
             )
         return kl[iteration]
+
+    @property
+    def validation_sampling(self) -> SamplingConfig:
+        """Greedy decoding with the rollouts' end strings (the validation generations)."""
+        return SamplingConfig(use_greedy=True, end_strings=self.sampling_params.end_strings)
 
     def check_iterations(self, max_iterations: int) -> None:
         """Fail early when a per-iteration β list is shorter than ``max_iterations``."""
