@@ -154,3 +154,14 @@ def test_precompute_cache_is_reused_and_keyed(dist_ctx, tmp_path):
     assert calls == [] and again.state() == first.state()  # nothing recomputed
     other = build({"model": "b"})
     assert len(calls) == 8 and other.state() != first.state()  # another key, another cache
+
+
+def test_larger_reference_forward_batches_give_the_same_log_probs(dist_ctx):
+    # log_prob_forward_micro_batch_size = 2 training micro-batches per reference forward.
+    policy = T.fresh_model()
+    batch = T.data(PAIRS, [], STEP, mbs=2, gbs=8).train_micro_batches(0)
+    one = reference_forward(policy, batch, T.FORWARD)
+    two = reference_forward(policy, batch, T.FORWARD, merge=2)
+    assert [t.shape for t in one] == [t.shape for t in two] == [torch.Size([4])] * 4
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
