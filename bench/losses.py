@@ -18,8 +18,8 @@ random per token) and reports:
 * forward + backward wall time: median over ``--reps`` runs after ``--warmup`` runs (no
   profiler), naive and ours alternating so that a change in machine load hits both alike.
 
-Ratios are ours / naive; lower is better. Only one case is alive at a time and everything is
-freed between cases (N = 4096 × V = 128000 float32 logits alone are 2 GB).
+Ratios are ours / naive; lower is better. Each case runs in a fresh process, one at a time
+(N = 4096 × V = 128000 float32 logits alone are 2 GB).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +195,21 @@ class Case:
     upstream: torch.Tensor
 
 
+def _teacher_topk(
+    n: int, vocab: int, k: int, device: torch.device, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic teacher top-K logits, ids and log-sum-exp, built 256 rows at a time."""
+    values, ids, lse = [], [], []
+    for start in range(0, n, 256):
+        rows = min(256, n - start)
+        teacher = torch.randn(rows, vocab, device=device, generator=gen) * 2
+        top = torch.topk(teacher, k, dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+        lse.append(teacher.logsumexp(-1))
+    return torch.cat(values), torch.cat(ids), torch.cat(lse)
+
+
 def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -223,10 +240,9 @@ def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
         )
     tail = name == "topk_kd_loss_tail"
     student = torch.randn(n, vocab, device=device, generator=gen).to(dtype).requires_grad_()
-    teacher = torch.randn(n, vocab, device=device, generator=gen)
-    values, ids = torch.topk(teacher, args.k, dim=-1)
-    lse = teacher.logsumexp(-1) if tail else None
-    del teacher
+    values, ids, lse = _teacher_topk(n, vocab, args.k, device, gen)
+    if not tail:
+        lse = None
     return Case(
         f"topk_kd_loss (K={args.k}, {'tail bucket' if tail else 'K-way'})",
         vocab,
@@ -252,42 +268,53 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=FUNCTIONS, default=FUNCTIONS)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--one", nargs=2, metavar=("FUNCTION", "V"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.one is not None:
+        name, vocab = args.one[0], int(args.one[1])
+        print(row(name, vocab, args), flush=True)
+        return
 
     print(
         f"device={args.device} dtype={args.dtype} N={args.tokens} torch={torch.__version__} "
         f"threads={torch.get_num_threads()}"
     )
-    header = (
-        f"| {'function':<44} | {'V':>6} | {'peak naive':>10} | {'peak ours':>9} | {'ratio':>5} "
-        f"| {'saved naive':>11} | {'saved ours':>10} | {'t naive':>8} | {'t ours':>8} | "
-        f"{'ratio':>5} |"
-    )
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print(HEADER)
+    print("|" + "|".join("-" * len(c) for c in HEADER.split("|")[1:-1]) + "|", flush=True)
+    # One fresh process per case, so that nothing of one case (allocator caches, fragmented
+    # heaps) inflates the next one's memory; N = 4096 × V = 128000 float32 logits are 2 GB.
     for vocab in args.vocab:
         for name in args.only:
-            case = build(name, args.tokens, vocab, args)
-            naive, ours = measure_pair(
-                case.naive,
-                case.ours,
-                case.inputs,
-                case.upstream,
-                warmup=args.warmup,
-                reps=args.reps,
-            )
-            print(
-                f"| {case.name:<44} | {vocab:>6} | {naive.peak / MiB:>6.0f} MiB | "
-                f"{ours.peak / MiB:>5.0f} MiB | {ours.peak / naive.peak:>5.2f} | "
-                f"{naive.saved / MiB:>7.0f} MiB | {ours.saved / MiB:>6.0f} MiB | "
-                f"{naive.seconds * 1e3:>6.0f}ms | {ours.seconds * 1e3:>6.0f}ms | "
-                f"{ours.seconds / naive.seconds:>5.2f} |",
-                flush=True,
-            )
-            del case
-            gc.collect()
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            command = [sys.executable, __file__, *sys.argv[1:], "--one", name, str(vocab)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
+            if done.returncode != 0 or not lines:
+                print(f"| {name} V={vocab}: failed (exit {done.returncode}) {done.stderr[-300:]}")
+            else:
+                print(lines[-1], flush=True)
+
+
+HEADER = (
+    f"| {'function':<44} | {'V':>6} | {'peak naive':>10} | {'peak ours':>9} | {'ratio':>5} "
+    f"| {'saved naive':>11} | {'saved ours':>10} | {'t naive':>8} | {'t ours':>8} | "
+    f"{'ratio':>5} |"
+)
+
+
+def row(name: str, vocab: int, args: argparse.Namespace) -> str:
+    """Measure one case and format it as a table row."""
+    case = build(name, args.tokens, vocab, args)
+    naive, ours = measure_pair(
+        case.naive, case.ours, case.inputs, case.upstream, warmup=args.warmup, reps=args.reps
+    )
+    return (
+        f"| {case.name:<44} | {vocab:>6} | {naive.peak / MiB:>6.0f} MiB | "
+        f"{ours.peak / MiB:>5.0f} MiB | {ours.peak / naive.peak:>5.2f} | "
+        f"{naive.saved / MiB:>7.0f} MiB | {ours.saved / MiB:>6.0f} MiB | "
+        f"{naive.seconds * 1e3:>6.0f}ms | {ours.seconds * 1e3:>6.0f}ms | "
+        f"{ours.seconds / naive.seconds:>5.2f} |"
+    )
 
 
 if __name__ == "__main__":
