@@ -209,6 +209,17 @@ def test_chunked_linear_frozen_weight_and_all_ignored() -> None:
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
+def test_chunked_linear_frozen_hidden_gives_the_weight_gradient() -> None:
+    hidden = torch.randn(6, 3, dtype=torch.float64)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, 3, -100, 2, 2])
+    (got,) = torch.autograd.grad(
+        chunked_linear_logps(hidden, weight, labels, chunk_size=4).sum(), weight
+    )
+    (want,) = torch.autograd.grad(naive_token_logps(hidden @ weight.T, labels).sum(), weight)
+    torch.testing.assert_close(got, want)
+
+
 def test_chunked_linear_never_saves_logits() -> None:
     hidden = torch.randn(32, 8, requires_grad=True)
     weight = torch.randn(40, 8, requires_grad=True)
