@@ -26,13 +26,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def _demo(algorithm: str) -> dict[str, Any]:
     return {
-        "trainer": {algorithm: {"max_steps": 40, "val_check_interval": 5, "save_interval": 20}},
+        "trainer": {algorithm: {"max_steps": 30, "val_check_interval": 5, "save_interval": 15}},
         "model": {
             "global_batch_size": 16,
             "micro_batch_size": 8,
             # A freshly initialised model: a much larger step than for fine-tuning.
             "optim": {"lr": 1e-3, "sched": {"warmup_steps": 5}},
-            "data": {"synthetic": {"num_train": 640, "num_validation": 64}},
+            "data": {"synthetic": {"num_train": 480, "num_validation": 64}},
         },
     }
 
