@@ -10,6 +10,7 @@ iteration began; the final checkpoint continues with a third iteration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer import DataConfig, InMemorySink, SyntheticConfig
 from align_core.trainer.spin import SPINRunConfig, SPINTrainerConfig, train_spin
 from align_data import ByteTokenizer
+
+pytestmark = pytest.mark.slow  # each run takes 10-40 s on two shared cores
 
 MODEL = ModelConfig(vocab_size=ByteTokenizer().vocab_size, seq_length=64)
 STEPS = 8  # 16 prompts / 8 per step = 2 steps per epoch, 2 epochs, 2 iterations
@@ -230,3 +233,19 @@ def test_final_checkpoint_continues_with_another_iteration(interrupted, dist_ctx
     assert train[9]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # opponent = policy
     assert all(m["iteration"] == 2.0 and m["kl_penalty"] == 0.5 for m in train.values())
     assert (run_dir / "generations" / "iter_2.meta.json").is_file()
+
+
+def test_train_on_previous_iteration_adds_the_last_iterations_pairs(tmp_path, dist_ctx):
+    sink = InMemorySink()
+    config = spin_run(tmp_path, max_epochs=1, val_check_interval=0)
+    config.spin = dataclasses.replace(config.spin, train_on_previous_iteration=True)
+    result = train_spin(config, [sink])
+    # Iteration 0: 16 pairs, 2 steps; iteration 1: its 16 pairs and iteration 0's, 4 steps.
+    assert result.steps == 6 and [m["iteration"] for _, m in sink.train] == [0, 0, 1, 1, 1, 1]
+    lengths = {
+        t: [r["generated_length"] for r in _jsonl(tmp_path / f"generations/iter_{t}.jsonl")]
+        for t in (0, 1)
+    }
+    means = [m["generated_length_mean"] for _, m in sink.train]
+    assert sum(means[:2]) / 2 == pytest.approx(sum(lengths[0]) / 16)
+    assert sum(means[2:]) / 4 == pytest.approx((sum(lengths[0]) + sum(lengths[1])) / 32)
