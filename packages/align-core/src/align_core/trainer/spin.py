@@ -84,6 +84,9 @@ class SPINTrainerConfig(TrainerConfig):
     max_iterations: int = 3
 
     def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
         if self.max_iterations < 0:
             raise ValueError("trainer.spin.max_iterations must be >= 0")
 
