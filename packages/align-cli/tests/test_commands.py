@@ -157,3 +157,16 @@ def test_init_model_then_inspect(tmp_path: Path) -> None:
     h, ffn, vocab = 32, 256, 384
     expected = 2 * vocab * h + (2 * h + 3 * h * h + h * h + h * 2 * ffn + ffn * h) + h
     assert f"{expected:,}" in result.output
+
+
+def test_data_preprocess_writes_then_reuses(synthetic, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    first = invoke("data", "preprocess", str(synthetic.unpaired_train), "--out", str(out))
+    assert first.exit_code == 0, first.output
+    assert "dataset written:" in first.output
+    again = invoke("data", "preprocess", str(synthetic.unpaired_train), "--out", str(out))
+    assert "dataset reused:" in again.output
+    directory = again.output.split("dataset reused:")[1].split()[0]
+    stats = invoke("data", "stats", directory)
+    assert stats.exit_code == 0
+    assert "unpaired" in stats.output and "80" in stats.output  # 40 pairs -> 80 examples
