@@ -148,6 +148,8 @@ def test_kto_loss_uses_the_kl_baseline_and_weights():
     per = torch.where(des, desirable_loss, undesirable_loss)
     torch.testing.assert_close(loss, per.sum() / 10.0)
     torch.testing.assert_close(metrics["kl"], z0)
+    right = torch.where(des, r[:b] > z0, r[:b] < z0)
+    assert float(metrics["acc"]) == float(right.sum())
     final = KTOStep(cfg).finalize_metrics({k: float(v) for k, v in metrics.items()})
     assert math.isclose(final["rewards_chosen_mean"], float(beta * r[:b][des].mean()), rel_tol=1e-9)
     assert math.isclose(

@@ -12,8 +12,10 @@ detached); per-example losses are summed and divided by the examples in the glob
 
 Metrics: ``loss``, ``kl`` (the z₀ the loss used, averaged over micro-batches),
 ``rewards_chosen_mean`` / ``rewards_rejected_mean`` (means of ``β·(π − π_ref)`` over the
-desirable / undesirable examples of the global batch; 0 when a group is empty) and
-``rewards_margin``.
+desirable / undesirable examples of the global batch; 0 when a group is empty),
+``rewards_margin``, and ``acc``: the fraction of examples on the right side of the baseline
+(desirable ``π − π_ref > z₀``, undesirable ``< z₀``; 0 at step 0, where every log-ratio is
+exactly z₀ = 0), the unpaired counterpart of DPO's preference accuracy.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ def kto_loss_and_metrics(
         token_logps: ``[R, S]`` policy token log-probs.
 
     Returns:
-        ``Σ losses / normalizer`` and detached metric sums (``loss``, ``kl``, ``rewards_chosen``,
-        ``rewards_rejected``, ``chosen``, ``rejected``, ``examples``, ``micro_batches``).
+        ``Σ losses / normalizer`` and detached metric sums (``loss``, ``kl``, ``acc``,
+        ``rewards_chosen``, ``rewards_rejected``, ``chosen``, ``rejected``, ``examples``,
+        ``micro_batches``).
     """
     from align_losses import kto_loss
 
@@ -118,9 +121,12 @@ def kto_loss_and_metrics(
     )
     loss = out.losses.sum() / normalizer
     one = torch.ones((), device=policy.device)
+    log_ratio = (policy[:b] - ref[:b]).detach()
+    right_side = torch.where(desirable, log_ratio > out.kl, log_ratio < out.kl)
     metrics = {
         "loss": out.losses.detach().sum(),
         "kl": out.kl.detach().reshape(()),
+        "acc": right_side.float().sum(),
         "rewards_chosen": torch.where(desirable, out.rewards, 0.0).sum(),
         "rewards_rejected": torch.where(desirable, 0.0, out.rewards).sum(),
         "chosen": desirable.float().sum(),
@@ -173,9 +179,11 @@ class KTOStep:
         """Means over the global batch; ``kl`` averaged over micro-batches (and DP ranks)."""
         chosen = sums["rewards_chosen"] / sums["chosen"] if sums["chosen"] else 0.0
         rejected = sums["rewards_rejected"] / sums["rejected"] if sums["rejected"] else 0.0
+        examples = max(sums["examples"], 1.0)
         return {
-            "loss": sums["loss"] / max(sums["examples"], 1.0),
+            "loss": sums["loss"] / examples,
             "kl": sums["kl"] / max(sums["micro_batches"], 1.0),
+            "acc": sums["acc"] / examples,
             "rewards_chosen_mean": chosen,
             "rewards_rejected_mean": rejected,
             "rewards_margin": chosen - rejected,
