@@ -118,14 +118,17 @@ def init_distributed(
         apply_cpu_shims()
         device = torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()) if world_size == 1 else "29500")
-        dist.init_process_group(
-            backend or ("nccl" if cuda else "gloo"),
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
+        backend = backend or ("nccl" if cuda else "gloo")
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A world of one needs no TCP rendezvous: an in-process store cannot collide with
+            # another process on the host (a probed free port can be taken before it is bound).
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
