@@ -77,7 +77,9 @@ def _build_reference(
         return SwapReference(policy, forward_fn, merge=merge)
     if strategy == "model":
         reference = build_policy(source, run.parallel)
-        reference.load_state_dict(policy.state_dict())
+        # The base weights (LoRA adapters, zero-initialised, are not part of the reference).
+        base = {k: v for k, v in policy.state_dict().items() if "_lora." not in k}
+        reference.load_state_dict(base)
         return ModelReference(reference, forward_fn, merge=merge)
     if strategy == "adapters":
         from align_core.lora import lora_disabled
