@@ -137,6 +137,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     _check_config(run)
     ctx = init_distributed(run.parallel, seed=run.seed)
+    _check_layout(run)
     run_dir = Path(run.run_dir)
     on_main_then_all(lambda: run_dir.mkdir(parents=True, exist_ok=True))
     sinks = list(sinks) if ctx.is_main else []
@@ -296,6 +297,22 @@ def _check_config(run: RunConfig) -> None:
         raise ValueError(
             "KTO pairs prompt_i with completion_(i+1 mod B) inside each micro-batch for its KL "
             f"estimate, so model.micro_batch_size must be >= 2 (got {run.data.micro_batch_size})"
+        )
+
+
+def _check_layout(run: RunConfig) -> None:
+    """Megatron's groups may predate this run (a second run in one process): they must match."""
+    from megatron.core import parallel_state as ps
+
+    have = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
+    want = (run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size)
+    if have != want:
+        raise ValueError(
+            f"megatron is already initialised with TP×PP = {have[0]}×{have[1]} in this process; "
+            f"this run asks for {want[0]}×{want[1]} (call align_core.destroy_distributed first)"
         )
 
 
