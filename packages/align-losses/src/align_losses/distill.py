@@ -191,12 +191,14 @@ def _student_topk_ids(
 
 def _divergence(p: Tensor, log_p: Tensor, log_q: Tensor, divergence: KDDivergence) -> Tensor:
     """Σ_c p_c(log p_c − log q_c) or Σ_c q_c(log q_c − log p_c), with 0·log 0 = 0."""
-    lowest = torch.finfo(log_q.dtype).min
-    log_p = log_p.clamp(min=lowest)
-    log_q = log_q.clamp(min=lowest)
     if divergence == "forward_kl":
+        # ∂/∂log q = −p: finite even where log q = −inf, so no clamp is needed.
         terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     else:
+        # Clamped so that a class with q = 0 never meets (−inf)·0 in backward.
+        lowest = torch.finfo(log_q.dtype).min
+        log_p = log_p.clamp(min=lowest)
+        log_q = log_q.clamp(min=lowest)
         q = log_q.exp()
         terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
     return terms.sum(dim=-1)
@@ -300,8 +302,12 @@ def topk_kd_loss(
 
     if teacher_logsumexp is None:
         picked = _GatherColumns.apply(student_logits, ids, vocab_start, group).to(cdt)
-        log_q = torch.log_softmax(student_scale * picked, dim=-1)
-        log_p = torch.log_softmax(teacher_scale * teacher, dim=-1)
+        if student_scale != 1.0:
+            picked = student_scale * picked
+        if teacher_scale != 1.0:
+            teacher = teacher_scale * teacher
+        log_q = torch.log_softmax(picked, dim=-1)
+        log_p = torch.log_softmax(teacher, dim=-1)
         p = log_p.exp()
     else:
         log_q = _TopKTailLogProbs.apply(student_logits, ids, student_scale, vocab_start, group)
