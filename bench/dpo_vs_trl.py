@@ -57,7 +57,18 @@ ANCHOR_REAL_TOKENS_PER_STEP = 1273.2
 
 @dataclass
 class Result:
-    """One measured run."""
+    """One measured run.
+
+    Attributes:
+        name: What ran.
+        s_per_step: Wall seconds per step over steps 6-30.
+        tokens_per_s: Real (unpadded) tokens per second over steps 6-30.
+        tokens_per_step: Real tokens per step (prompt counted in both sequences of a pair).
+        peak_mib: Peak RSS of the training process.
+        startup_s: From launching the process to the end of step 1 (imports, data, model,
+            reference precompute, first step).
+        first_loss: Loss of step 1 (ln 2 = 0.6931 when policy = reference).
+    """
 
     name: str
     s_per_step: float
@@ -175,7 +186,7 @@ def run_align(assets: dict[str, Any], strategy: str, workdir: Path, lora: bool) 
         tokens_per_s=tokens / wall,
         tokens_per_step=tokens / len(timed),
         peak_mib=max(r["peak_memory"] for r in train.values()) / 2**20,
-        startup_s=train[1]["time"] - train[1]["step_time"] - start,
+        startup_s=train[1]["time"] - start,
         first_loss=train[1]["loss"],
     )
 
@@ -239,7 +250,7 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            marks[state.global_step] = time.perf_counter()
+            marks[state.global_step] = time.time()
 
     class CountingTrainer(DPOTrainer):
         def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -275,11 +286,9 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=config["gradient_checkpointing"],
         precompute_ref_log_probs=config["precompute"],
     )
-    start = time.time()
     trainer = CountingTrainer(
         model=str(model_dir), args=args, train_dataset=dataset, processing_class=tokenizer
     )
-    init_done = time.time()
     trainer.add_callback(Clock())
     trainer.train()
     first_loss = next((e["loss"] for e in trainer.state.log_history if "loss" in e), float("nan"))
@@ -290,7 +299,7 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": timed_tokens / wall,
         "tokens_per_step": timed_tokens / (STEPS - WARMUP),
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "startup_s": init_done - start,
+        "startup_s": marks[1],  # absolute; the parent subtracts its launch time
         "first_loss": first_loss,
     }
 
@@ -299,6 +308,7 @@ def run_trl(assets: dict[str, Any], workdir: Path, gc: bool, precompute: bool) -
     """One TRL run in a fresh process."""
     config = {**assets, "workdir": str(workdir), "gradient_checkpointing": gc}
     config["precompute"] = precompute
+    start = time.time()
     proc = subprocess.run(
         [sys.executable, __file__, "--trl-worker", json.dumps(config)],
         env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
@@ -308,6 +318,7 @@ def run_trl(assets: dict[str, Any], workdir: Path, gc: bool, precompute: bool) -
     if proc.returncode != 0:
         raise RuntimeError(f"TRL run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["startup_s"] -= start
     reference = "precompute_ref_log_probs" if precompute else "ref model"
     name = f"TRL, {reference}, " + ("grad ckpt" if gc else "no grad ckpt")
     return Result(name=name, **data)
@@ -331,7 +342,7 @@ def print_table(title: str, rows: list[Result]) -> None:
     print(f"\n{title}")
     header = (
         f"{'run':<48} {'s/step':>7} {'tok/s':>7} {'tok/step':>8} {'peak MiB':>9} "
-        f"{'start s':>8} {'loss@1':>8}"
+        f"{'step1 s':>8} {'loss@1':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -381,21 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir {workdir}; load average before: {load_average()}")
     assets = build_assets(workdir)
-    measured: list[Result] = []
-    for strategy in [s for s in args.strategies.split(",") if s]:
-        runs = [
-            run_align(assets, strategy, workdir, lora=strategy == "adapters")
-            for _ in range(args.repeats)
-        ]
-        measured.append(median(runs))
-        print(f"  done: {measured[-1].name}", flush=True)
-    trl_rows: list[Result] = []
     use_trl = trl_available() and not args.no_trl
+    configs: list[tuple[str, Any]] = [
+        (f"align:{s}", lambda s=s: run_align(assets, s, workdir, lora=s == "adapters"))
+        for s in args.strategies.split(",")
+        if s
+    ]
     if use_trl:
-        for gc, precompute in ((True, False), (False, True)):
-            runs = [run_trl(assets, workdir, gc, precompute) for _ in range(args.repeats)]
-            trl_rows.append(median(runs))
-            print(f"  done: {trl_rows[-1].name}", flush=True)
+        configs += [
+            (f"trl:{gc}:{pre}", lambda gc=gc, pre=pre: run_trl(assets, workdir, gc, pre))
+            for gc, pre in ((True, False), (False, True))
+        ]
+    runs: dict[str, list[Result]] = {key: [] for key, _ in configs}
+    # Interleaved (a, b, c, a, b, c, ...): a change in machine load hits every configuration.
+    for _ in range(args.repeats):
+        for key, make in configs:
+            runs[key].append(make())
+            print(f"  done: {runs[key][-1].name}", flush=True)
+    measured = [median(runs[key]) for key, _ in configs if key.startswith("align:")]
+    trl_rows = [median(runs[key]) for key, _ in configs if key.startswith("trl:")]
     print(f"load average after: {load_average()}")
     print_table(
         f"measured now ({args.repeats} run(s) each, median; 2 threads; steps {WARMUP + 1}-{STEPS})",
