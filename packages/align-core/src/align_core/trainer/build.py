@@ -23,6 +23,7 @@ from align_core.algorithms.sft import SFTStep
 from align_core.config import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
+    from align_core.nemo import TokenizerSpec
     from align_core.trainer.run import RunConfig
     from align_data import Tokenizer
 
@@ -33,6 +34,7 @@ __all__ = [
     "load_datasets",
     "on_main_then_all",
     "resolve_model_source",
+    "tokenizer_from_spec",
 ]
 
 T = TypeVar("T")
@@ -73,6 +75,17 @@ def on_main_then_all(fn: Callable[[], T]) -> T:
 # ------------------------------------------------------------------------------------ model
 
 
+def tokenizer_from_spec(spec: TokenizerSpec | None) -> Tokenizer:
+    """The align-data tokenizer a `.nemo` tokenizer description names (None: byte tokenizer).
+
+    Call it while the archive is open (the artifact files are read here); see
+    `align_core.nemo.build_tokenizer`.
+    """
+    from align_core.nemo import build_tokenizer
+
+    return build_tokenizer(spec)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where the initial policy comes from.
@@ -96,14 +109,14 @@ def resolve_model_source(run: RunConfig) -> ModelSource:
     Raises:
         ValueError: A fresh model whose vocabulary is smaller than the tokenizer's.
     """
-    from align_core.nemo import TokenizerSpec, build_tokenizer, open_nemo
+    from align_core.nemo import TokenizerSpec, open_nemo
 
     tp = run.parallel.tensor_model_parallel_size
     if run.restore_from_path is not None:
         with open_nemo(run.restore_from_path) as ckpt:
             model = run.model if run.model is not None else ckpt.model_config_for(tp)
             spec = ckpt.tokenizer
-            tokenizer = build_tokenizer(spec)  # reads the artifacts while extracted
+            tokenizer = tokenizer_from_spec(spec)  # reads the artifacts while extracted
         return ModelSource(model, tokenizer, spec, run.restore_from_path)
     from align_data import ByteTokenizer
 
