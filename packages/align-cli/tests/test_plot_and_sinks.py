@@ -98,3 +98,24 @@ def test_tensorboard_events_hold_the_scalars(tmp_path: Path) -> None:
     assert loss == [(1, 0.5), (2, 0.25)]
     assert [(e.step, e.value) for e in events.Scalars("train/acc")] == [(1, 0.25)]
     assert [(e.step, e.value) for e in events.Scalars("val/loss")] == [(2, 0.75)]
+
+
+@pytest.mark.skipif(not TensorBoardSink.available(), reason="tensorboard is not installed")
+def test_tensorboard_resume_drops_the_steps_trained_again(tmp_path: Path) -> None:
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TensorBoardSink(tmp_path)
+    first.start(_Plan(start_step=0))
+    for step in (1, 2, 3):
+        first.log("train", step, {"loss": float(step)})
+    first.finish(None)  # type: ignore[arg-type]
+    time.sleep(1.1)  # event files are named by the second they were opened
+    resumed = TensorBoardSink(tmp_path)
+    resumed.start(_Plan(start_step=1))  # the checkpoint was at step 1
+    resumed.log("train", 2, {"loss": 20.0})
+    resumed.finish(None)  # type: ignore[arg-type]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0)]

@@ -117,7 +117,17 @@ class TensorBoardSink:
         return importlib.util.find_spec("tensorboard") is not None
 
     def start(self, plan: RunPlan) -> None:
-        """Nothing to do before the first step."""
+        """Mark a (re)start so TensorBoard drops older events past ``plan.start_step``.
+
+        TensorBoard purges every event at or after a ``SessionLog.START``'s step, so the marker
+        carries the first step this run trains (``start_step + 1``).
+        """
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+
+        start = SessionLog(status=SessionLog.START)
+        self._writer.add_event(
+            self._event(wall_time=time.time(), step=int(plan.start_step) + 1, session_log=start)
+        )
 
     def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
         """Write one event with every finite metric."""
