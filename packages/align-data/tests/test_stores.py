@@ -56,6 +56,106 @@ def test_sorting(tmp_path):
     assert got.ids.tolist() == [[30, 20, 10]]
 
 
+@pytest.mark.parametrize(
+    ("vocab_size", "ids", "ids_dtype", "id_bytes"),
+    [
+        # 65,536 ids are 0..65,535: every one fits in 16 bits.
+        (65_536, [[0, 65_535, 1], [65_535, 0, 7]], "uint16", 2),
+        # One more and 65,536 itself must be stored: 32 bits.
+        (65_537, [[0, 65_535, 65_536], [65_536, 0, 65_535]], "int32", 4),
+        # Unknown vocabulary: 32 bits.
+        (None, [[0, 65_535, 65_536], [70_000, 0, 1]], "int32", 4),
+    ],
+)
+def test_id_width_follows_the_vocabulary(tmp_path, vocab_size, ids, ids_dtype, id_bytes):
+    logits = np.array([[3.0, 2.0, 1.0], [0.5, 0.0, -0.5]])  # already descending: order kept
+    with TeacherTopKWriter(
+        tmp_path, top_k=3, dtype="bf16", vocab_size=vocab_size, with_input_ids=True
+    ) as w:
+        w.append(0, logits, np.array(ids), np.array([4.0, 2.0]), input_ids=np.array([5, 6]))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["version"], meta["ids_dtype"]) == (2, ids_dtype)
+    # Hand count for 2 positions, K=3: logits 2·3·2 (bf16), ids 2·3·id_bytes, log-sum-exp 2·4,
+    # input ids 2·4, one index entry 3·8.
+    sizes = {p.suffix: p.stat().st_size for p in tmp_path.glob("shard-00000.*")}
+    assert sizes == {".logits": 12, ".ids": 6 * id_bytes, ".lse": 8, ".tokens": 8}
+    assert (tmp_path / "index.bin").stat().st_size == 24
+    raw = np.fromfile(tmp_path / "shard-00000.ids", dtype=f"<{'u2' if id_bytes == 2 else 'i4'}")
+    assert raw.tolist() == [i for row in ids for i in row]
+    got = TeacherTopKReader(tmp_path)[0]
+    assert got.ids.dtype == torch.int32  # callers see int32 whatever the width on disk
+    assert got.ids.tolist() == ids
+    assert got.logits.float().tolist() == logits.tolist()
+
+
+def test_uint16_store_rejects_ids_beyond_the_vocabulary(tmp_path):
+    w = TeacherTopKWriter(tmp_path, top_k=2, dtype="fp32", vocab_size=65_536)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 65536\)"):
+        w.append(0, np.array([[2.0, 1.0]]), np.array([[65_536, 0]]), np.array([3.0]))
+    w.close()
+
+
+def write_version1_store(directory, data) -> None:
+    """A store as version 1 wrote it: no ``ids_dtype`` in meta.json, int32 ids."""
+    directory.mkdir()
+    meta = {
+        "version": 1,
+        "top_k": 3,
+        "dtype": "fp32",
+        "start_index": 0,
+        "vocab_size": 100,
+        "with_input_ids": False,
+        "shard_positions": 1 << 24,
+    }
+    (directory / "meta.json").write_text(json.dumps(meta))
+    first, index = 0, []
+    for logits, ids, lse in data:
+        with open(directory / "shard-00000.logits", "ab") as f:
+            f.write(np.asarray(logits, np.float32).tobytes())
+        with open(directory / "shard-00000.ids", "ab") as f:
+            f.write(np.asarray(ids, np.int32).tobytes())
+        with open(directory / "shard-00000.lse", "ab") as f:
+            f.write(np.asarray(lse, np.float32).tobytes())
+        index += [0, first, len(lse)]
+        first += len(lse)
+    np.asarray(index, np.int64).tofile(directory / "index.bin")
+
+
+def test_version1_store_stays_readable_and_resumable(tmp_path):
+    data = [
+        ([[3.0, 2.0, 1.0]], [[99, 0, 50]], [4.0]),
+        ([[1.0, 0.0, -1.0], [2.0, 1.5, 1.0]], [[1, 2, 3], [98, 97, 96]], [2.0, 3.0]),
+    ]
+    write_version1_store(tmp_path / "old", data[:1])
+    reader = TeacherTopKReader(tmp_path / "old")
+    assert reader[0].ids.dtype == torch.int32 and reader[0].ids.tolist() == [[99, 0, 50]]
+    # Resuming appends int32 ids (the store's own width), although 100 ids would fit 16 bits.
+    with TeacherTopKWriter(tmp_path / "old", top_k=3, dtype="fp32", vocab_size=100) as w:
+        assert w.next_index == 1 and w.ids_dtype == "int32"
+        w.append(1, *(np.asarray(x) for x in data[1]))
+    assert (tmp_path / "old" / "shard-00000.ids").stat().st_size == 3 * 3 * 4
+    assert json.loads((tmp_path / "old" / "meta.json").read_text())["version"] == 1
+    reader = TeacherTopKReader(tmp_path / "old")
+    assert [reader[i].ids.tolist() for i in range(2)] == [data[0][1], data[1][1]]
+    # A version 2 store (16-bit ids) merges with it; ids come back as int32 from both.
+    with TeacherTopKWriter(
+        tmp_path / "new", top_k=3, dtype="fp32", vocab_size=100, start_index=2
+    ) as w:
+        w.append(2, np.array([[5.0, 4.0, 3.0]]), np.array([[7, 8, 9]]), np.array([6.0]))
+    merged = TeacherTopKReader([tmp_path / "old", tmp_path / "new"])
+    assert [merged[i].ids.dtype for i in range(3)] == [torch.int32] * 3
+    assert merged[2].ids.tolist() == [[7, 8, 9]]
+
+
+def test_unknown_ids_dtype_is_refused(tmp_path):
+    with TeacherTopKWriter(tmp_path, top_k=1, dtype="fp32", vocab_size=10) as w:
+        w.append(0, np.array([[1.0]]), np.array([[3]]), np.array([2.0]))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "ids_dtype": "int8"}))
+    with pytest.raises(ValueError, match=r"meta.json: ids_dtype must be one of .* got 'int8'"):
+        TeacherTopKReader(tmp_path)
+
+
 def test_writer_rejects_duplicates_gaps_and_bad_values(tmp_path):
     w = TeacherTopKWriter(tmp_path, top_k=2, dtype="fp32", vocab_size=10)
     lg, ix, lse = np.array([[2.0, 1.0]]), np.array([[1, 2]]), np.array([3.0])
@@ -176,6 +276,14 @@ def test_import_nemo_kd_jsonl(tmp_path):
         assert (top_mass <= 1.0 + 1e-6).all()
     # Rerunning resumes (nothing to add) instead of duplicating.
     assert len(import_nemo_topk_jsonl([a, b], tmp_path / "store", dtype="fp32")) == 4
+    # With the vocabulary size (not in the JSONL) ids are checked and stored in 16 bits.
+    narrow = import_nemo_topk_jsonl([a, b], tmp_path / "store16", dtype="fp32", vocab_size=50)
+    assert json.loads((tmp_path / "store16" / "meta.json").read_text())["ids_dtype"] == "uint16"
+    assert (tmp_path / "store16" / "shard-00000.ids").stat().st_size == (3 + 4 + 5 + 6) * 3 * 2
+    for i in range(4):
+        assert torch.equal(narrow[i].ids, reader[i].ids)
+    with pytest.raises(DataError, match=r"ids must lie in \[0, 10\)"):
+        import_nemo_topk_jsonl([a, b], tmp_path / "store10", dtype="fp32", vocab_size=10)
 
 
 def test_import_nemo_errors_name_file_line_field(tmp_path):

@@ -103,6 +103,7 @@ def import_nemo_topk_jsonl(
     *,
     dtype: TeacherDType = "fp32",
     keep_input_ids: bool = True,
+    vocab_size: int | None = None,
 ) -> TeacherTopKReader:
     """Converts NeMo-Aligner ``compute_topk_logits`` output into a teacher top-k store.
 
@@ -112,6 +113,8 @@ def import_nemo_topk_jsonl(
         dtype: Storage dtype of the logits.
         keep_input_ids: Keep the ``tokens`` field as the store's input ids (lets collate check
             that the dataset tokenizes to the same ids).
+        vocab_size: The teacher's vocabulary size, if known: ids are checked against it and
+            stored in 16 bits when it is at most 65,536 (the JSONL does not record it).
 
     Returns:
         A reader over the store.
@@ -132,7 +135,7 @@ def import_nemo_topk_jsonl(
         return json.loads(handles[path].readline())
 
     try:
-        return _write(entries, read_line, out_dir, dtype, keep_input_ids)
+        return _write(entries, read_line, out_dir, dtype, keep_input_ids, vocab_size)
     finally:
         for handle in handles.values():
             handle.close()
@@ -144,6 +147,7 @@ def _write(
     out_dir: str | Path,
     dtype: TeacherDType,
     keep_input_ids: bool,
+    vocab_size: int | None,
 ) -> TeacherTopKReader:
     first = read_line(entries[0][1], entries[0][2])
     top_k = _matrix(first, "topk_logits", entries[0][1], entries[0][3]).shape[1]
@@ -152,6 +156,7 @@ def _write(
         top_k=top_k,
         dtype=dtype,
         start_index=entries[0][0],
+        vocab_size=vocab_size,
         with_input_ids=keep_input_ids,
     ) as writer:
         for index, path, offset, line in entries:
