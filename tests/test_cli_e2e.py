@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,19 +114,41 @@ def test_single_process_run_directory(one_process_run: Path, tiny_nemo: Path) ->
     assert moved  # three steps of training changed the weights
 
 
-@pytest.mark.xfail(
-    reason="align-core: the restored .nemo's tokenizer files are deleted before final.nemo is "
-    "written (resolve_model_source closes its temporary extraction)",
-    strict=False,
-)
 def test_restored_run_writes_final_nemo(tmp_path: Path, tiny_nemo: Path) -> None:
+    from align_core.nemo import build_tokenizer, open_nemo
+
     run_dir = tmp_path / "run"
     align(
         "run", "sft", "-q", "--restore", str(tiny_nemo), *small("sft"), "trainer.sft.max_steps=1",
         "trainer.sft.val_check_interval=0", f"exp_manager.explicit_log_dir={run_dir}",
         cwd=tmp_path,
     )  # fmt: skip
-    assert (run_dir / "final.nemo").is_file()
+    final = run_dir / "final.nemo"
+    assert final.is_file()
+    # The restored archive's tokenizer files travel into final.nemo unchanged.
+    assert tokenizer_artifacts(final) == tokenizer_artifacts(tiny_nemo)
+    assert sorted(n[33:] for n in tokenizer_artifacts(final)) == ["merges.txt", "vocab.json"]
+    with open_nemo(tiny_nemo) as before, open_nemo(final) as after:
+        assert after.model_config == before.model_config
+        old, new = before.full_state_dict(), after.full_state_dict()
+        assert {k: v.shape for k, v in new.items() if torch.is_tensor(v)} == {
+            k: v.shape for k, v in old.items() if torch.is_tensor(v)
+        }
+        assert any(not torch.equal(v, new[k]) for k, v in old.items() if torch.is_tensor(v))
+        tokenizer = build_tokenizer(after.tokenizer)
+        assert tokenizer.vocab_size <= before.model_config.vocab_size  # padded embedding rows
+        assert tokenizer.decode(tokenizer.encode("The policy learns.")) == "The policy learns."
+
+
+def tokenizer_artifacts(path: Path) -> dict[str, bytes]:
+    """A `.nemo`'s tokenizer artifact members (named ``<32 hex>_<file>``), by name."""
+    with tarfile.open(path) as archive:
+        return {
+            name: archive.extractfile(member).read()
+            for member in archive.getmembers()
+            if member.isfile()
+            and re.fullmatch(r"[0-9a-f]{32}_.+", name := member.name.rsplit("/", 1)[-1])
+        }
 
 
 def nemo_weights(path: Path) -> dict:

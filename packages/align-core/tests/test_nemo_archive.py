@@ -193,6 +193,37 @@ def test_tokenizer_artifacts_resolve(tmp_path):
         tokenizer_from_nemo({"library": "sentencepiece", "model": "nemo:gone"}, root)
 
 
+def _artifacts(path: Path) -> dict[str, bytes]:
+    """Tokenizer artifact members of a `.nemo`, by base name (``vocab.json``, ...)."""
+    with tarfile.open(path) as tar:
+        return {
+            m.name.rsplit("/", 1)[-1].partition("_")[2]: tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.isfile() and not m.name.endswith(("model_config.yaml", "model_weights.ckpt"))
+        }
+
+
+def test_a_detached_tokenizer_is_exported_after_the_archive_is_closed(tmp_path):
+    files = write_byte_bpe_files(tmp_path / "files", SMALL.vocab_size)
+    source = write_tiny_nemo(tmp_path / "source.nemo", SMALL, tokenizer=files)
+    with open_nemo(source) as ckpt:
+        kept, plain = ckpt.tokenizer.detached(), ckpt.tokenizer
+        names = {key: p.name for key, p in plain.files().items()}
+    assert not plain.vocab_file.exists()  # the extraction is gone
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.vocab_file: .*detached\(\)"):
+        write_nemo(tmp_path / "lost.nemo", random_state_dict(SMALL), SMALL, tokenizer=plain)
+
+    out = write_nemo(tmp_path / "out.nemo", random_state_dict(SMALL), SMALL, tokenizer=kept)
+    assert _artifacts(out) == {
+        "vocab.json": files.vocab_file.read_bytes(),
+        "merges.txt": files.merge_file.read_bytes(),
+    }
+    with open_nemo(out) as ckpt:  # same artifact names as the source, and loadable again
+        assert {key: p.name for key, p in ckpt.tokenizer.files().items()} == names
+        assert len(json.loads(ckpt.tokenizer.vocab_file.read_text())) == SMALL.vocab_size
+    assert "contents" not in repr(kept)  # the bytes stay out of logs
+
+
 def test_byte_bpe_tokenizer_loads_in_hf_tokenizers(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     spec = write_byte_bpe_files(tmp_path, 300)

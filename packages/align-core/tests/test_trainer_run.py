@@ -60,6 +60,59 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_like_an_uninterrupted_run(dist
         assert ckpt.tokenizer is not None and ckpt.tokenizer.library == "byte-level"
 
 
+def test_a_run_restored_from_a_nemo_exports_its_tokenizer_and_trained_weights(dist_ctx, tmp_path):
+    """The restored archive's temporary extraction is gone by the time final.nemo is written."""
+    pytest.importorskip("tokenizers")
+    import tarfile
+
+    import torch
+
+    from align_core import ModelConfig
+    from align_core.nemo import write_byte_bpe_files, write_tiny_nemo
+    from align_core.trainer import TrainerConfig
+
+    tiny = ModelConfig(
+        num_layers=1,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        vocab_size=320,
+        seq_length=64,
+    )
+    files = write_byte_bpe_files(tmp_path / "tokenizer", tiny.vocab_size)
+    source = write_tiny_nemo(tmp_path / "source.nemo", tiny, tokenizer=files, seed=5)
+    result = train(
+        T.run_config(
+            tmp_path / "run",
+            algorithm="sft",
+            model=None,
+            restore_from_path=str(source),
+            data=_synthetic(16),
+            trainer=TrainerConfig(max_steps=1, val_check_interval=0, save_interval=0),
+        )
+    )
+    assert result.stop_reason == "completed"
+    assert result.nemo_path == str(tmp_path / "run" / "final.nemo")
+    with tarfile.open(result.nemo_path) as tar:
+        members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+        artifacts = {
+            name.partition("_")[2]: tar.extractfile(m).read()
+            for name, m in members.items()
+            if name.endswith((".json", ".txt"))
+        }
+    assert artifacts == {
+        "vocab.json": files.vocab_file.read_bytes(),
+        "merges.txt": files.merge_file.read_bytes(),
+    }
+    with open_nemo(source) as before, open_nemo(result.nemo_path) as after:
+        assert after.tokenizer.library == "megatron" and after.tokenizer.type == "GPT2BPETokenizer"
+        assert after.model_config == before.model_config
+        old, new = before.full_state_dict(), after.full_state_dict()
+        assert sorted(old) == sorted(new)
+        moved = [k for k in old if torch.is_tensor(old[k]) and not torch.equal(old[k], new[k])]
+        assert moved  # one optimizer step changed the weights that were exported
+
+
 def test_kto_with_one_example_per_micro_batch_fails_before_training(tmp_path):
     data = DataConfig(micro_batch_size=1, global_batch_size=4)
     with pytest.raises(ValueError, match="micro_batch_size must be >= 2"):

@@ -6,7 +6,7 @@ Typical use::
         cfg = ckpt.model_config_for(tensor_parallel_size=2)
         model = build_gpt_model(cfg, ParallelConfig(tensor_model_parallel_size=2))
         load_nemo_weights(model, ckpt)
-        tokenizer_spec = ckpt.tokenizer   # files stay valid until the block ends
+        tokenizer_spec = ckpt.tokenizer   # files valid until the block ends (or .detached())
 
 Each process extracts its own copy of the archive into a temporary directory (removed when the
 block ends); pass ``workdir`` to extract somewhere else and keep the files.

@@ -4,6 +4,8 @@ NeMo stores tokenizer files inside the archive as ``<uuid4hex>_<basename>`` and 
 from the config as ``nemo:<uuid4hex>_<basename>`` (keys ``model``, ``vocab_file`` and
 ``merge_file``). `TokenizerSpec` is the resolved, typed form: which library and type, and real
 paths of the files. `build_tokenizer` turns it into an ``align_data`` tokenizer.
+`TokenizerSpec.detached` reads the files into memory, so that a spec read from an extracted
+archive can still be written into another `.nemo` after the extraction is gone.
 
 `write_byte_bpe_files` writes a small GPT-2-style byte-level BPE vocabulary (``vocab.json`` and
 ``merges.txt``, NeMo's ``megatron``/``GPT2BPETokenizer`` layout) for tiny test checkpoints.
@@ -12,6 +14,7 @@ paths of the files. `build_tokenizer` turns it into an ``align_data`` tokenizer.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import re
@@ -51,6 +54,9 @@ class TokenizerSpec:
         merge_file: BPE merges file (``merges.txt``).
         options: Every other key of the section (``delimiter``, ``sentencepiece_legacy``,
             ``use_fast``, ...), passed through unchanged.
+        contents: Artifact bytes by config key (see `detached`). Where a key is present,
+            `tokenizer_to_nemo` writes these bytes instead of reading the file, which may then
+            no longer exist (a closed `open_nemo` extraction).
     """
 
     library: str
@@ -59,10 +65,30 @@ class TokenizerSpec:
     vocab_file: Path | None = None
     merge_file: Path | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def files(self) -> dict[str, Path]:
         """The artifact files that are set, by config key."""
         return {k: getattr(self, k) for k in ARTIFACT_KEYS if getattr(self, k) is not None}
+
+    def detached(self) -> TokenizerSpec:
+        """This spec with every artifact file read into `contents`.
+
+        Call it while the files exist (inside `open_nemo`'s block); the result can be exported
+        with `save_nemo` after the archive's extraction has been removed. The paths are kept:
+        their names become the artifact names in the new archive.
+
+        Raises:
+            FileNotFoundError: When one of the spec's files does not exist.
+        """
+        contents = dict(self.contents)
+        for key, path in self.files().items():
+            if key in contents:
+                continue
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"tokenizer.{key}: {path} does not exist")
+            contents[key] = Path(path).read_bytes()
+        return dataclasses.replace(self, contents=contents)
 
 
 def _resolve(key: str, value: str, root: Path, members: list[str], origin: str) -> Path:
@@ -126,10 +152,12 @@ def tokenizer_to_nemo(spec: TokenizerSpec, staging: Path) -> dict[str, Any]:
     """Copy the tokenizer's files into ``staging`` as NeMo artifacts; return the config section.
 
     Files whose names already look like NeMo artifacts (``<32 hex>_<name>``, e.g. read from
-    another `.nemo`) keep their names; others get a fresh ``<uuid4hex>_<basename>`` name.
+    another `.nemo`) keep their names; others get a fresh ``<uuid4hex>_<basename>`` name. An
+    artifact held in ``spec.contents`` is written from memory (its file need not exist).
 
     Raises:
-        FileNotFoundError: When one of the spec's files does not exist.
+        FileNotFoundError: When one of the spec's files does not exist and its bytes are not in
+            ``spec.contents``.
     """
     section: dict[str, Any] = {"library": spec.library, "type": spec.type}
     for key in ARTIFACT_KEYS:
@@ -138,10 +166,16 @@ def tokenizer_to_nemo(spec: TokenizerSpec, staging: Path) -> dict[str, Any]:
             section[key] = None
             continue
         src = Path(src)
-        if not src.is_file():
-            raise FileNotFoundError(f"tokenizer.{key}: {src} does not exist")
         name = src.name if _ARTIFACT_NAME.match(src.name) else f"{uuid.uuid4().hex}_{src.name}"
-        shutil.copyfile(src, staging / name)
+        if key in spec.contents:
+            (staging / name).write_bytes(spec.contents[key])
+        elif src.is_file():
+            shutil.copyfile(src, staging / name)
+        else:
+            raise FileNotFoundError(
+                f"tokenizer.{key}: {src} does not exist (a spec read from an open_nemo block "
+                "must be detached() before the block ends to be exported later)"
+            )
         section[key] = _NEMO_PREFIX + name
     section.update(spec.options)
     return section

@@ -93,7 +93,9 @@ class ModelSource:
     Attributes:
         model: The architecture to build.
         tokenizer: The tokenizer.
-        tokenizer_spec: The `.nemo` tokenizer description (for export), or None.
+        tokenizer_spec: The `.nemo` tokenizer description (for export), or None. Read from a
+            restored `.nemo`, it holds its artifact bytes (`TokenizerSpec.detached`), so it can
+            be exported after the archive's temporary extraction is gone.
         nemo_path: The `.nemo` to load weights from, or None for a fresh initialisation.
     """
 
@@ -117,6 +119,9 @@ def resolve_model_source(run: RunConfig) -> ModelSource:
             model = run.model if run.model is not None else ckpt.model_config_for(tp)
             spec = ckpt.tokenizer
             tokenizer = tokenizer_from_spec(spec)  # reads the artifacts while extracted
+            # The extraction is removed when the block ends: keep the artifact bytes, which
+            # the final .nemo export writes again.
+            spec = None if spec is None else spec.detached()
         return ModelSource(model, tokenizer, spec, run.restore_from_path)
     from align_data import ByteTokenizer
 
