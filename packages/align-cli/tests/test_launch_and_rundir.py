@@ -114,17 +114,17 @@ def test_find_last_run_picks_the_newest_of_the_command(tmp_path: Path) -> None:
 def test_rendezvous_port_defaults() -> None:
     from types import SimpleNamespace
 
-    from align_cli.commands.run import RunOptions, _launch_options
+    from align_cli.commands.run import RunOptions, launch_options
 
     tree = SimpleNamespace(trainer=SimpleNamespace(devices=None, num_nodes=1))
-    explicit = _launch_options(RunOptions("dpo", nproc_per_node=2, master_port=1234), tree)
+    explicit = launch_options(RunOptions("dpo", nproc_per_node=2, master_port=1234), tree)
     assert explicit.master_port == 1234 and explicit.world_size == 2
     # Several nodes must agree on the port without being told: torchrun's default.
-    nodes = _launch_options(RunOptions("dpo", nnodes=2), tree)
+    nodes = launch_options(RunOptions("dpo", nnodes=2), tree)
     assert nodes.master_port == 29500 and nodes.world_size == 2
     # NeMo's trainer.devices / trainer.num_nodes give the launch when no option does.
     tree = SimpleNamespace(trainer=SimpleNamespace(devices=4, num_nodes=1))
-    one = _launch_options(RunOptions("dpo"), tree)
+    one = launch_options(RunOptions("dpo"), tree)
     assert one.nproc_per_node == 4 and 0 < one.master_port < 65536
     with pytest.raises(UsageError, match="--node-rank 2"):
-        _launch_options(RunOptions("dpo", nnodes=2, node_rank=2), tree)
+        launch_options(RunOptions("dpo", nnodes=2, node_rank=2), tree)

@@ -20,7 +20,7 @@ __all__ = ["app", "report_errors"]
 app = typer.Typer(
     name="align",
     no_args_is_help=True,
-    help="Align and distil LLMs on megatron-core: DPO, IPO, RPO, KTO, SFT.",
+    help="Align and distil LLMs on megatron-core: DPO, IPO, RPO, KTO, SPIN, SFT, KD.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -32,7 +32,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Check, tokenize and describe 
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and export checkpoints.")
 app.add_typer(run_app, name="run")
 app.add_typer(data_app, name="data")
+kd_app = typer.Typer(no_args_is_help=True, help="Knowledge distillation: the teacher pass.")
 app.add_typer(ckpt_app, name="ckpt")
+app.add_typer(kd_app, name="kd")
 
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -89,6 +91,10 @@ _RUN_HELP = {
     "(or rpo_sq, rpo_fwd_kl); rewards from chosen_reward/rejected_reward.",
     "kto": "KTO on unpaired desirable/undesirable examples (model.kto.*).",
     "sft": "Supervised fine-tuning on prompt/completion or chat data (model.sft.*).",
+    "spin": "Self-play fine-tuning on SFT data: iterations of generate, then train real vs "
+    "generated (model.spin.*, trainer.spin.max_iterations).",
+    "kd": "Distil a student from teacher top-k logits (model.knowledge_distillation.*; the "
+    "teacher: .teacher.directory, .teacher.nemo_jsonl or .teacher.restore_from_path).",
 }
 
 _RUN_EPILOG = (
@@ -96,6 +102,19 @@ _RUN_EPILOG = (
     "--restore model.nemo model.data.data_prefix=train.jsonl trainer.{algo}.max_steps=100 "
     "model.optim.lr=5e-6 | align run {cmd} --resume | align run {cmd} --show-config"
 )
+
+
+_RUN_EPILOGS = {
+    "spin": "Examples: align run spin (demo: tiny model, synthetic data) | align run spin "
+    "--restore sft.nemo model.data.train_ds.file_path=train.jsonl "
+    "model.data.validation_ds.file_path=val.jsonl trainer.spin.max_iterations=2 "
+    "model.spin.ref_policy_kl_penalty=[0.1,0.05] | align run spin --resume",
+    "kd": "Examples: align run kd --restore student.nemo model.data.data_prefix=train.jsonl "
+    "model.knowledge_distillation.teacher.directory=topk/ "
+    "model.knowledge_distillation.sft_loss_weight=0.4 | align run kd --restore student.nemo "
+    "model.knowledge_distillation.teacher.restore_from_path=teacher.nemo (online) | "
+    "align run kd --resume",
+}
 
 
 def _check_unknown_options(ctx: typer.Context) -> None:
@@ -112,15 +131,35 @@ def _check_unknown_options(ctx: typer.Context) -> None:
             _exit(2)
 
 
+_Restore = Annotated[
+    str | None,
+    typer.Option("--restore", help="Initial model (.nemo); sets pretrained_checkpoint."),
+]
+_Config = Annotated[str | None, typer.Option("--config", help="YAML file of configuration keys.")]
+_ShowConfig = Annotated[
+    bool, typer.Option("--show-config", help="Print the composed configuration and exit.")
+]
+_Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")]
+_NprocPerNode = Annotated[
+    int | None, typer.Option("--nproc-per-node", help="Processes per node (torchrun).")
+]
+_Nnodes = Annotated[int | None, typer.Option("--nnodes", help="Nodes (torchrun).")]
+_NodeRank = Annotated[int, typer.Option("--node-rank", help="This node's rank.")]
+_MasterAddr = Annotated[str, typer.Option("--master-addr", help="Address of node 0.")]
+_MasterPort = Annotated[
+    int | None,
+    typer.Option(
+        "--master-port", help="Port on node 0 (default: a free port on one node, else 29500)."
+    ),
+]
+
+
 def _register_run(command: str) -> None:
-    algo = "dpo" if command in ("ipo", "rpo") else command
+    algo = {"ipo": "dpo", "rpo": "dpo", "kd": "knowledge_distillation"}.get(command, command)
 
     def run_command(
         ctx: typer.Context,
-        restore: Annotated[
-            str | None,
-            typer.Option("--restore", help="Initial model (.nemo); sets pretrained_checkpoint."),
-        ] = None,
+        restore: _Restore = None,
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue the last run of this command.")
         ] = False,
@@ -128,31 +167,14 @@ def _register_run(command: str) -> None:
             bool,
             typer.Option("--dry-run", help="Check config and data, print the plan, train nothing."),
         ] = False,
-        config: Annotated[
-            str | None, typer.Option("--config", help="YAML file of configuration keys.")
-        ] = None,
-        show_config: Annotated[
-            bool, typer.Option("--show-config", help="Print the composed configuration and exit.")
-        ] = False,
-        quiet: Annotated[
-            bool, typer.Option("--quiet", "-q", help="No progress bar or summary table.")
-        ] = False,
-        nproc_per_node: Annotated[
-            int | None,
-            typer.Option("--nproc-per-node", help="Processes per node (torchrun)."),
-        ] = None,
-        nnodes: Annotated[int | None, typer.Option("--nnodes", help="Nodes (torchrun).")] = None,
-        node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
-        master_addr: Annotated[
-            str, typer.Option("--master-addr", help="Address of node 0.")
-        ] = "127.0.0.1",
-        master_port: Annotated[
-            int | None,
-            typer.Option(
-                "--master-port",
-                help="Port on node 0 (default: a free port on one node, else 29500).",
-            ),
-        ] = None,
+        config: _Config = None,
+        show_config: _ShowConfig = False,
+        quiet: _Quiet = False,
+        nproc_per_node: _NprocPerNode = None,
+        nnodes: _Nnodes = None,
+        node_rank: _NodeRank = 0,
+        master_addr: _MasterAddr = "127.0.0.1",
+        master_port: _MasterPort = None,
     ) -> None:
         _check_unknown_options(ctx)
         from align_cli.commands.run import RunOptions, execute
@@ -181,12 +203,99 @@ def _register_run(command: str) -> None:
         context_settings=_EXTRA,
         options_metavar="[OPTIONS] [KEY=VALUE]...",
         help=_RUN_HELP[command],
-        epilog=_RUN_EPILOG.format(cmd=command, algo=algo),
+        epilog=_RUN_EPILOGS.get(command, _RUN_EPILOG).format(cmd=command, algo=algo),
     )(run_command)
 
 
-for _command in ("dpo", "ipo", "rpo", "kto", "sft"):
+for _command in ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd"):
     _register_run(_command)
+
+
+@kd_app.command(
+    "teacher",
+    context_settings=_EXTRA,
+    options_metavar="[OPTIONS] [KEY=VALUE]...",
+    epilog="Example: align kd teacher --restore teacher.nemo "
+    "model.data.data_prefix=train.jsonl top_k=100 output=topk/ (rerun to resume)",
+)
+def kd_teacher(
+    ctx: typer.Context,
+    restore: Annotated[str | None, typer.Option("--restore", help="The teacher (.nemo).")] = None,
+    config: _Config = None,
+    show_config: _ShowConfig = False,
+    quiet: _Quiet = False,
+    nproc_per_node: _NprocPerNode = None,
+    nnodes: _Nnodes = None,
+    node_rank: _NodeRank = 0,
+    master_addr: _MasterAddr = "127.0.0.1",
+    master_port: _MasterPort = None,
+) -> None:
+    """Write the teacher's top-k logits over the data as shards (output=DIR; rerun resumes)."""
+    _check_unknown_options(ctx)
+    from align_cli.commands.kd import COMMAND, execute_teacher
+    from align_cli.commands.run import RunOptions
+
+    options = RunOptions(
+        command=COMMAND,
+        overrides=tuple(ctx.args),
+        restore=restore,
+        config_file=config,
+        show_config=show_config,
+        quiet=quiet,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        argv=tuple(sys.argv),
+    )
+    _exit(report_errors(lambda: execute_teacher(options)))
+
+
+@app.command(
+    "generate",
+    context_settings=_EXTRA,
+    options_metavar="[OPTIONS] PROMPTS.jsonl [KEY=VALUE]...",
+    epilog="Example: align generate --restore model.nemo prompts.jsonl --out out.jsonl "
+    "sampling_params.use_greedy=true length_params.max_length=128 micro_batch_size=16",
+)
+def generate(
+    ctx: typer.Context,
+    prompts: Annotated[str, typer.Argument(help="JSONL prompts (prompt, input or messages).")],
+    restore: Annotated[str | None, typer.Option("--restore", help="The model (.nemo).")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Completions JSONL (default PROMPTS.completions.jsonl)."),
+    ] = None,
+    config: _Config = None,
+    show_config: _ShowConfig = False,
+    quiet: _Quiet = False,
+    nproc_per_node: _NprocPerNode = None,
+    nnodes: _Nnodes = None,
+    node_rank: _NodeRank = 0,
+    master_addr: _MasterAddr = "127.0.0.1",
+    master_port: _MasterPort = None,
+) -> None:
+    """Answer every prompt of a JSONL file; write prompt/completion JSONL."""
+    _check_unknown_options(ctx)
+    from align_cli.commands.generate import execute_generate
+    from align_cli.commands.run import RunOptions
+
+    options = RunOptions(
+        command="generate",
+        overrides=tuple(ctx.args),
+        restore=restore,
+        config_file=config,
+        show_config=show_config,
+        quiet=quiet,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        argv=tuple(sys.argv),
+    )
+    _exit(report_errors(lambda: execute_generate(options, prompts, out)))
 
 
 @app.callback()

@@ -237,9 +237,36 @@ def plan_data(run: Any, source: Any) -> DataPlan:
     )
 
 
-def _resolved_reference(run: Any) -> str:
-    if run.algorithm == "sft":
+def core_view(algorithm: str, run: Any) -> Any:
+    """align-core's `RunConfig` of a run: itself, or an SFT view of a SPIN or distillation run.
+
+    SPIN and distillation read SFT data and resolve their model as an SFT run would.
+    """
+    if algorithm not in ("spin", "kd"):
+        return run
+    from align_core.trainer import RunConfig
+
+    return RunConfig(
+        algorithm="sft",
+        run_dir=run.run_dir,
+        model=run.model,
+        parallel=run.parallel,
+        data=run.data,
+        restore_from_path=run.restore_from_path,
+        seed=run.seed,
+    )
+
+
+def _resolved_reference(algorithm: str, run: Any) -> str:
+    if algorithm in ("sft", "kd"):
         return "none"
+    if algorithm == "spin":
+        from align_core.trainer.spin import resolve_opponent_strategy
+
+        try:
+            return resolve_opponent_strategy(run.reference)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     strategy = run.reference.strategy
     if strategy != "auto":
         return strategy
@@ -253,9 +280,9 @@ def _mib(value: int) -> str:
 
 def dry_run(prepared: Prepared, console: Console) -> int:
     """Print the plan of a prepared run; return 0 when everything checks out."""
-    from align_core.trainer.loop import plan_steps
-
+    algorithm = prepared.composed.algorithm
     run = prepared.run
+    view = core_view(algorithm, run)
     launch = prepared.launch
     parallel = run.parallel
     model_parallel = (
@@ -276,21 +303,13 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             f"model.micro_batch_size × data-parallel size = {run.data.micro_batch_size} × {dp}"
         )
     accumulation = run.data.global_batch_size // per_step
-    source = model_source(run)
-    data = plan_data(run, source)
+    source = model_source(view)
+    data = plan_data(view, source)
     val_batches = data.val_examples // run.data.global_batch_size
-    try:
-        steps = plan_steps(
-            run.trainer,
-            train_samples=data.train_examples,
-            global_batch_size=run.data.global_batch_size,
-            val_batches=val_batches,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    steps, steps_text = _steps(algorithm, run, data, val_batches)
     model = source.model
-    reference = _resolved_reference(run)
-    sequences = {"dpo": 2, "kto": 2, "sft": 1}[run.algorithm]
+    reference = _resolved_reference(algorithm, run)
+    sequences = {"dpo": 2, "kto": 2, "sft": 1, "spin": 2, "kd": 1}[algorithm]
     memory = estimate_memory(
         model,
         tensor_parallel_size=parallel.tensor_model_parallel_size,
@@ -303,7 +322,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
     tokens_per_example = data.train_tokens / max(1, data.train_examples)
     tokens_per_step = tokens_per_example * run.data.global_batch_size
 
-    table = Table(title=f"plan: {run.algorithm} ({prepared.run_dir})", show_header=False)
+    table = Table(title=f"plan: {algorithm} ({prepared.run_dir})", show_header=False)
     table.add_column("")
     table.add_column("")
     rows = [
@@ -327,11 +346,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             f"invalid {data.summary.skipped_invalid:,})",
         ),
         ("sequence length", f"≤ {data.max_length} tokens, mean {tokens_per_example:,.1f}/example"),
-        (
-            "steps",
-            f"{steps.max_steps:,} ({steps.steps_per_epoch:,} per epoch × "
-            f"{run.trainer.max_epochs} epoch(s), trainer max_steps {run.trainer.max_steps})",
-        ),
+        ("steps", steps_text),
         (
             "tokens",
             f"≈ {tokens_per_step:,.0f} per step, ≈ {tokens_per_step * steps.max_steps:,.0f} total",
@@ -343,7 +358,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             else "off",
         ),
         ("checkpoints", f"every {steps.save_interval} steps" if steps.save_interval else "at end"),
-        ("reference", f"{run.reference.strategy} -> {reference}"),
+        _reference_row(algorithm, run, reference),
         ("model", _model_line(model, run)),
         ("parameters", f"{count_parameters(model, parallel.tensor_model_parallel_size):,}"),
     ]
@@ -366,6 +381,76 @@ def dry_run(prepared: Prepared, console: Console) -> int:
     console.print(mem)
     console.print("dry run: configuration and data are valid; nothing was trained", highlight=False)
     return 0
+
+
+def _steps(algorithm: str, run: Any, data: DataPlan, val_batches: int) -> tuple[Any, str]:
+    """The step accounting (align-core's own rule) and its description."""
+    from align_core.trainer.loop import plan_steps
+
+    try:
+        if algorithm == "spin":
+            from align_core.trainer.spin import plan_iterations, trainer_config
+
+            iterations = plan_iterations(
+                run.trainer,
+                prompts=data.train_examples,
+                global_batch_size=run.data.global_batch_size,
+                val_batches=val_batches,
+                train_on_previous_iteration=run.spin.train_on_previous_iteration,
+            )
+            total = iterations[-1].end_step if iterations else 0
+            first = iterations[0] if iterations else None
+            # Validation and save intervals as in one iteration; max_steps over all of them.
+            steps = plan_steps(
+                trainer_config(run.trainer, max_steps=-1),
+                train_samples=data.train_examples,
+                global_batch_size=run.data.global_batch_size,
+                val_batches=val_batches,
+            )
+            per = ", ".join(str(p.steps) for p in iterations)
+            text = (
+                f"{total:,} over {len(iterations)} iteration(s) ({per}); each generates "
+                f"{data.train_examples:,} answers, then {run.trainer.max_epochs} epoch(s) of "
+                f"{first.steps_per_epoch if first else 0:,} steps"
+            )
+            return dataclasses.replace(steps, max_steps=total), text
+        steps = plan_steps(
+            run.trainer,
+            train_samples=data.train_examples,
+            global_batch_size=run.data.global_batch_size,
+            val_batches=val_batches,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    text = (
+        f"{steps.max_steps:,} ({steps.steps_per_epoch:,} per epoch × "
+        f"{run.trainer.max_epochs} epoch(s), trainer max_steps {run.trainer.max_steps})"
+    )
+    return steps, text
+
+
+def _reference_row(algorithm: str, run: Any, reference: str) -> tuple[str, str]:
+    if algorithm == "spin":
+        return "opponent", f"{run.reference.strategy} -> {reference} (refreshed every iteration)"
+    if algorithm == "kd":
+        teacher = run.teacher
+        if teacher.online:
+            if not Path(teacher.restore_from_path).exists():
+                raise UsageError(
+                    f"teacher.restore_from_path: {teacher.restore_from_path}: no such file"
+                )
+            return "teacher", f"online: {teacher.restore_from_path}, top-{teacher.top_k}"
+        if teacher.directory:
+            if not (Path(teacher.directory) / "train").is_dir():
+                raise UsageError(
+                    f"teacher.directory: {teacher.directory} holds no train/ store "
+                    "(write it with `align kd teacher ... output=DIR`)"
+                )
+            return "teacher", f"offline stores: {teacher.directory}"
+        return "teacher", f"NeMo-Aligner JSONL: {', '.join(teacher.nemo_jsonl)}"
+    if algorithm == "sft":
+        return "reference", "none"
+    return "reference", f"{run.reference.strategy} -> {reference}"
 
 
 def _model_line(model: Any, run: Any) -> str:

@@ -18,13 +18,20 @@ if TYPE_CHECKING:
 __all__ = ["ProgressSink", "format_metric", "make_console"]
 
 _SUMMARY_METRICS = (
+    "iteration",
     "loss",
     "preference_loss",
+    "kd_loss",
     "sft_loss",
+    "top1_agreement",
     "acc",
     "rewards_chosen_mean",
     "rewards_rejected_mean",
+    "rewards_actual_mean",
+    "rewards_generated_mean",
     "rewards_margin",
+    "generated_length_mean",
+    "generation_tokens_per_s",
     "kl",
     "grad_norm",
     "lr",
@@ -55,8 +62,12 @@ def format_metric(name: str, value: float | None) -> str:
     if name == "peak_memory":
         mib = value / 2**20
         return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
-    if name == "tokens_per_s":
+    if name in ("tokens_per_s", "generation_tokens_per_s"):
         return f"{value:,.0f}"
+    if name == "iteration":
+        return f"{value:.0f}"
+    if name.endswith("_length_mean"):
+        return f"{value:.1f}"
     if name == "step_time":
         return f"{value:.3f} s"
     if name == "lr":
@@ -106,11 +117,15 @@ class ProgressSink:
             f"DP={plan.data_parallel_size}"
         )
         resumed = f", resumed at step {plan.start_step}" if plan.resumed_from else ""
+        role = "opponent" if plan.algorithm == "spin" else "reference"
+        reference = (
+            f", {role} {plan.reference_strategy}" if plan.reference_strategy != "none" else ""
+        )
         self.console.print(
             f"[bold]{self.title}[/]: {plan.max_steps} steps of {plan.global_batch_size} "
             f"({plan.micro_batch_size} x {plan.accumulation_steps} accumulation x "
             f"{plan.data_parallel_size} DP), {plan.train_samples} training examples, "
-            f"{layout}, reference {plan.reference_strategy}{resumed}"
+            f"{layout}{reference}{resumed}"
         )
         self.console.print(f"run directory: {plan.run_dir}")
         if self.console.is_terminal:
@@ -131,7 +146,14 @@ class ProgressSink:
 
     def _stats(self, metrics: Mapping[str, float]) -> str:
         parts = []
-        for name, label in (("loss", "loss"), ("acc", "acc"), ("tokens_per_s", "tok/s")):
+        for name, label in (
+            ("iteration", "iter"),
+            ("loss", "loss"),
+            ("acc", "acc"),
+            ("top1_agreement", "top-1"),
+            ("generated_length_mean", "gen len"),
+            ("tokens_per_s", "tok/s"),
+        ):
             if name in metrics:
                 parts.append(f"{label} {format_metric(name, metrics[name])}")
         return "  ".join(parts)
@@ -150,7 +172,15 @@ class ProgressSink:
             self._last_val = dict(metrics)
             text = "  ".join(
                 f"{name} {format_metric(name, metrics[name])}"
-                for name in ("loss", "acc", "rewards_margin", "kl")
+                for name in (
+                    "loss",
+                    "acc",
+                    "rewards_margin",
+                    "kl",
+                    "kd_loss",
+                    "top1_agreement",
+                    "generated_length_mean",
+                )
                 if name in metrics
             )
             self.console.print(f"validation at step {step}: {text}")

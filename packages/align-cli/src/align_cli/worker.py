@@ -2,8 +2,11 @@
 
 ``python -m align_cli.worker RUN_DIR`` is what ``align run`` starts through torchrun; a single
 process, or a rank under Slurm ``srun``/an outer torchrun, calls `run_worker` directly. The worker
-composes the saved ``config.yaml`` (no new overrides), converts it to align-core's typed
-`RunConfig` and calls `align_core.trainer.train`, with the metric sinks on global rank 0.
+composes the saved ``config.yaml`` (no new overrides), converts it to the typed run
+configuration and calls the entry point of its algorithm (`align_core.trainer.train`,
+`align_core.trainer.spin.train_spin`, `align_kd.train_kd`; the teacher pass and ``align
+generate`` have their own, see `align_cli.commands.kd` and `align_cli.commands.generate`), with
+the metric sinks on global rank 0.
 
 Exit status: 0 when the run completed or reached its wall-clock limit, 143 after SIGTERM (a
 checkpoint was saved; ``align run <algo> --resume`` continues), 1 on a non-finite loss or
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
     from align_cli.config import Composed
 
-__all__ = ["EXIT_CODES", "main", "make_sinks", "quiet_library_warnings", "run_worker"]
+__all__ = ["EXIT_CODES", "main", "make_sinks", "quiet_library_warnings", "run_worker", "train"]
 
 EXIT_CODES = {"completed": 0, "max_time": 0, "sigterm": 143, "nonfinite": 1}
 """Exit status by `align_core.trainer.RunResult.stop_reason`."""
@@ -100,6 +103,14 @@ def run_worker(
     info = read_run_info(run_dir)
     if composed is None:
         composed = compose(info.algorithm, base=[OmegaConf.load(run_dir / CONFIG_FILE)])
+    if composed.algorithm == "kd_teacher":
+        from align_cli.commands.kd import run_teacher_worker
+
+        return run_teacher_worker(run_dir, composed, quiet=quiet, console=console)
+    if composed.algorithm == "generate":
+        from align_cli.commands.generate import run_generate_worker
+
+        return run_generate_worker(run_dir, composed, quiet=quiet, console=console)
     run = to_run_config(
         composed.algorithm,
         composed.tree,
@@ -109,10 +120,23 @@ def run_worker(
     rank = world_rank()
     sinks = make_sinks(composed, run_dir, quiet=quiet, console=console) if rank == 0 else []
 
-    from align_core.trainer import train
-
-    result = train(run, sinks)
+    result = train(composed.algorithm, run, sinks)
     return EXIT_CODES.get(result.stop_reason, 1)
+
+
+def train(algorithm: str, run: Any, sinks: list[Any]) -> Any:
+    """Call the training entry point of ``algorithm`` on this rank; return its `RunResult`."""
+    if algorithm == "spin":
+        from align_core.trainer.spin import train_spin
+
+        return train_spin(run, sinks)
+    if algorithm == "kd":
+        from align_kd import train_kd
+
+        return train_kd(run, sinks)
+    from align_core.trainer import train as train_preference
+
+    return train_preference(run, sinks)
 
 
 def main(argv: list[str] | None = None) -> int:

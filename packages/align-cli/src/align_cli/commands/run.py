@@ -1,4 +1,4 @@
-"""``align run {dpo,ipo,rpo,kto,sft}``: compose, check, lay out the run directory, launch.
+"""``align run {dpo,ipo,rpo,kto,sft,spin,kd}``: compose, check, lay out the run directory, launch.
 
 Layers of the configuration, later ones winning: the dataclass defaults; the command's preset
 (``ipo``/``rpo``); the built-in demo preset when neither a model nor data is given; ``--config
@@ -33,7 +33,15 @@ from align_cli.rundir import (
     write_run_info,
 )
 
-__all__ = ["Prepared", "RunOptions", "execute", "prepare"]
+__all__ = [
+    "Prepared",
+    "RunOptions",
+    "execute",
+    "launch",
+    "launch_options",
+    "prepare",
+    "write_run_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class RunOptions:
     """What was typed after ``align run``.
 
     Attributes:
-        command: ``dpo``, ``ipo``, ``rpo``, ``kto`` or ``sft``.
+        command: ``dpo``, ``ipo``, ``rpo``, ``kto``, ``sft``, ``spin`` or ``kd``.
         overrides: ``key=value`` arguments.
         restore: ``--restore``: the initial ``.nemo``.
         resume: ``--resume``: continue the last run (or ``exp_manager.explicit_log_dir``).
@@ -80,7 +88,8 @@ class Prepared:
     Attributes:
         composed: The configuration tree.
         run_dir: The run directory.
-        run: align-core's typed run configuration.
+        run: The typed run configuration (align-core's `RunConfig` or `SPINRunConfig`,
+            align-kd's `KDRunConfig`).
         launch: How many processes, and where they meet.
         demo: Whether the built-in demo preset applies (no model, no data).
         resumed: Whether this continues an existing run directory.
@@ -110,9 +119,11 @@ def _layers(options: RunOptions, algorithm: str, demo: bool) -> list[Any]:
 
 
 def _is_demo(composed: Composed) -> bool:
+    from align_cli.config.trees import data_files
+
     tree = composed.tree
-    return (
-        tree.pretrained_checkpoint.restore_from_path is None and tree.model.data.data_prefix is None
+    return tree.pretrained_checkpoint.restore_from_path is None and not data_files(
+        composed.algorithm, tree
     )
 
 
@@ -137,7 +148,12 @@ def _resume_dir(options: RunOptions, composed: Composed) -> Path:
     return run_dir
 
 
-def _launch_options(options: RunOptions, tree: Any) -> LaunchOptions:
+def launch_options(options: RunOptions, tree: Any) -> LaunchOptions:
+    """How many processes, and where they meet: the options, else ``trainer.devices``/``num_nodes``.
+
+    Raises:
+        UsageError: A count below 1 or a node rank out of range.
+    """
     nproc = options.nproc_per_node or tree.trainer.devices or 1
     nnodes = options.nnodes or tree.trainer.num_nodes or 1
     for name, value in (("--nproc-per-node", nproc), ("--nnodes", nnodes)):
@@ -211,24 +227,21 @@ def prepare(options: RunOptions) -> Prepared:
         composed=composed,
         run_dir=run_dir,
         run=run,
-        launch=_launch_options(options, composed.tree),
+        launch=launch_options(options, composed.tree),
         demo=demo,
         resumed=resumed,
     )
 
 
-def write_run_dir(prepared: Prepared, options: RunOptions) -> None:
+def write_run_dir(
+    run_dir: Path, composed: Composed, command: str, argv: tuple[str, ...] = ()
+) -> None:
     """Create the run directory with ``config.yaml`` and ``run.json``."""
     from align_cli.rundir import atomic_write
 
-    prepared.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(prepared.run_dir / CONFIG_FILE, to_yaml(prepared.composed.config))
-    write_run_info(
-        prepared.run_dir,
-        options.command,
-        prepared.composed.algorithm,
-        list(options.argv) or sys.argv,
-    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / CONFIG_FILE, to_yaml(composed.config))
+    write_run_info(run_dir, command, composed.algorithm, list(argv) or sys.argv)
 
 
 def execute(options: RunOptions, console: Console | None = None) -> int:
@@ -241,36 +254,56 @@ def execute(options: RunOptions, console: Console | None = None) -> int:
         console.print(to_yaml(prepared.composed.config), highlight=False, markup=False)
         return 0
     if prepared.demo and launcher() is None:
+        key = _DATA_KEY.get(prepared.composed.algorithm, "model.data.data_prefix")
         console.print(
             "demo: no model and no data given: training the tiny default model on align-data's "
-            "synthetic preference task (give --restore MODEL.nemo and "
-            "model.data.data_prefix=FILE for a real run)",
+            f"synthetic task (give --restore MODEL.nemo and {key}=FILE for a real run)",
             highlight=False,
         )
     if options.dry_run:
         from align_cli.plan import dry_run
 
         return dry_run(prepared, console)
+    return launch(
+        prepared.run_dir,
+        prepared.composed,
+        options,
+        prepared.launch,
+        console,
+    )
+
+
+def launch(
+    run_dir: Path,
+    composed: Composed,
+    options: RunOptions,
+    how: LaunchOptions,
+    console: Console,
+) -> int:
+    """Write the run directory and run the workers: here, through torchrun, or as one rank.
+
+    Under an outer torchrun or Slurm job the process on global rank 0 writes the directory and
+    every process runs its rank; otherwise one process runs here, or torchrun starts
+    ``how.world_size`` workers on ``run_dir``.
+    """
     from align_cli.worker import run_worker
 
     under = launcher()
     if under is not None:
-        # One rank of a torchrun/Slurm job: the process on global rank 0 writes the directory.
         from align_cli.launch import world_rank
 
         if world_rank() == 0:
-            write_run_dir(prepared, options)
+            write_run_dir(run_dir, composed, options.command, options.argv)
         else:
-            _wait_for(prepared.run_dir / RUN_FILE)
-        return run_worker(
-            prepared.run_dir, composed=prepared.composed, quiet=options.quiet, console=console
-        )
-    write_run_dir(prepared, options)
-    if prepared.launch.world_size > 1:
-        return run_torchrun(prepared.launch, prepared.run_dir)
-    return run_worker(
-        prepared.run_dir, composed=prepared.composed, quiet=options.quiet, console=console
-    )
+            _wait_for(run_dir / RUN_FILE)
+        return run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
+    write_run_dir(run_dir, composed, options.command, options.argv)
+    if how.world_size > 1:
+        return run_torchrun(how, run_dir)
+    return run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
+
+
+_DATA_KEY = {"spin": "model.data.train_ds.file_path"}
 
 
 def _wait_for(path: Path, timeout_s: float = 300.0) -> None:

@@ -22,7 +22,7 @@ from typing import Any, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 
-from align_cli.config.schema import TreeAlgorithm, tree_class
+from align_cli.config.schema import ALGORITHM_SECTIONS, TreeAlgorithm, tree_class
 from align_cli.config.structured import build, mirror
 from align_cli.errors import ConfigError
 
@@ -154,6 +154,13 @@ SYNONYMS = {
     "max_length": "seq_length",
     "lora_rank": "adapter_dim",
     "rank": "adapter_dim",
+    "data_prefix": "file_path",
+    "file_path": "data_prefix",
+    "greedy": "use_greedy",
+    "tokens_to_generate": "max_length",
+    "kl_loss": "kd_loss",
+    "output_path": "output",
+    "output_dir": "output",
 }
 """Names users bring from other trainers (TRL, Megatron-LM) -> the key name used here."""
 
@@ -197,9 +204,10 @@ def check_key(cls: type, key: str) -> tuple[bool, bool]:
         children = _children(node)
         if part not in children:
             where = ".".join(parts[:i]) or "the configuration"
-            if i <= 1 and part in ("dpo", "kto", "sft") and parts[0] in ("model", "trainer"):
+            owner = _SECTION_COMMANDS.get(part)
+            if i == 1 and owner and parts[0] in ("model", "trainer") and _algorithm_of(cls):
                 raise ConfigError(
-                    f"{key}: {parts[0]}.{part} belongs to `align run {part}`"
+                    f"{key}: {parts[0]}.{part} belongs to `align run {owner}`"
                     f" (this run uses {parts[0]}.{_algorithm_of(cls)})",
                     key=key,
                 )
@@ -218,9 +226,13 @@ def check_key(cls: type, key: str) -> tuple[bool, bool]:
     return False, False
 
 
-def _algorithm_of(cls: type) -> str:
+_SECTION_COMMANDS = {section: command for command, section in ALGORITHM_SECTIONS.items()}
+
+
+def _algorithm_of(cls: type) -> str | None:
+    """The ``trainer.<section>`` of a training tree (None for the other trees)."""
     trainer = _children(cls)["trainer"]
-    return next(name for name in _children(trainer) if name in ("dpo", "kto", "sft"))
+    return next((name for name in _children(trainer) if name in _SECTION_COMMANDS), None)
 
 
 _TYPE_WORDS = {

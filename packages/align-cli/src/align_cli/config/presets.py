@@ -10,9 +10,10 @@ from typing import Any
 
 __all__ = ["COMMANDS", "DEMO", "VARIANTS", "algorithm_of", "check_variant"]
 
+from align_cli.config.schema import section_of
 from align_cli.errors import ConfigError
 
-COMMANDS = ("dpo", "ipo", "rpo", "kto", "sft")
+COMMANDS = ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd")
 """What may follow ``align run``."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -26,7 +27,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def _demo(algorithm: str) -> dict[str, Any]:
     return {
-        "trainer": {algorithm: {"max_steps": 30, "val_check_interval": 5, "save_interval": 15}},
+        "trainer": {
+            section_of(algorithm): {"max_steps": 30, "val_check_interval": 5, "save_interval": 15}
+        },
         "model": {
             "global_batch_size": 16,
             "micro_batch_size": 8,
@@ -37,10 +40,30 @@ def _demo(algorithm: str) -> dict[str, Any]:
     }
 
 
-DEMO: dict[str, dict[str, Any]] = {name: _demo(name) for name in ("dpo", "kto", "sft")}
+_SPIN_DEMO: dict[str, Any] = {
+    # Two iterations of one epoch over 64 prompts: generate, train 4 steps, refresh, again.
+    "trainer": {"spin": {"max_iterations": 2, "max_epochs": 1, "val_check_interval": 2}},
+    "model": {
+        "global_batch_size": 16,
+        "micro_batch_size": 8,
+        "optim": {"lr": 1e-3, "sched": {"warmup_steps": 2}},
+        "spin": {
+            "rollout_micro_batch_size": 64,
+            "length_params": {"max_length": 32},
+            "val_generations": 4,
+        },
+        "data": {"synthetic": {"num_train": 64, "num_validation": 16}},
+    },
+}
+
+DEMO: dict[str, dict[str, Any]] = {
+    **{name: _demo(name) for name in ("dpo", "kto", "sft", "kd")},
+    "spin": _SPIN_DEMO,
+}
 """The built-in demo: used when neither a model nor data is given (tiny model, synthetic task).
 
-Sized to finish in about two minutes on a 2-core CPU while held-out accuracy rises."""
+Sized to finish in about two minutes on a 2-core CPU while held-out accuracy rises (SPIN: two
+short iterations; distillation still needs a teacher)."""
 
 
 def algorithm_of(command: str) -> str:

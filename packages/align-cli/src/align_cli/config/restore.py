@@ -37,6 +37,8 @@ def base_model_for(tree: Any) -> Any:
     None lets the trainer take the architecture from the checkpoint unchanged (or use the
     default tiny model when nothing is restored).
     """
+    if not hasattr(tree.model, "num_layers"):
+        return None  # a tree without architecture keys (the teacher pass)
     path = tree.pretrained_checkpoint.restore_from_path
     if path is None or not model_overrides(tree):
         return None

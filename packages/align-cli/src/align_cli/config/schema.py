@@ -17,7 +17,10 @@ nested in a few CLI sections that only arrange them under NeMo-Aligner's names::
 
 Each algorithm (``dpo``, ``kto``, ``sft``) gets its own tree: a KTO run has ``model.kto`` and
 ``trainer.kto`` and no ``model.dpo``, so a key for another algorithm fails instead of being
-silently ignored. Defaults are never written here; they are read from the source dataclasses.
+silently ignored. The trees of ``spin``, ``kd`` (``model.knowledge_distillation``), the teacher
+pass (``kd_teacher``) and ``generate`` are built from the same pieces in
+`align_cli.config.trees`. Defaults are never written here; they are read from the source
+dataclasses.
 """
 
 from __future__ import annotations
@@ -39,18 +42,49 @@ from align_core.trainer import DataConfig, ReferenceConfig, RunConfig, TrainerCo
 
 __all__ = [
     "ALGORITHMS",
+    "ALGORITHM_SECTIONS",
     "MODEL_RENAMES",
+    "NOT_FOR_SFT_DATA",
+    "RUN_SECTIONS",
     "TreeAlgorithm",
+    "data_config",
+    "data_section",
     "default_of",
+    "file_list",
+    "launch_fields",
+    "model_fields",
+    "model_for",
     "model_overrides",
     "normalize_data_prefix",
+    "scheduler",
+    "section_of",
+    "spec_of",
     "to_run_config",
     "tree_class",
     "typed_tree",
 ]
 
-TreeAlgorithm = Literal["dpo", "kto", "sft"]
-ALGORITHMS: dict[TreeAlgorithm, type] = {"dpo": DPOConfig, "kto": KTOConfig, "sft": SFTConfig}
+TreeAlgorithm = Literal["dpo", "kto", "sft", "spin", "kd", "kd_teacher", "generate"]
+ALGORITHMS: dict[str, type] = {"dpo": DPOConfig, "kto": KTOConfig, "sft": SFTConfig}
+"""The preference and SFT trees made by this module (the others: `align_cli.config.trees`)."""
+
+ALGORITHM_SECTIONS: dict[str, str] = {
+    "dpo": "dpo",
+    "kto": "kto",
+    "sft": "sft",
+    "spin": "spin",
+    "kd": "knowledge_distillation",
+}
+"""Training tree -> the name of its ``trainer.<section>`` and ``model.<section>`` (NeMo's)."""
+
+NOT_FOR_SFT_DATA = ("packing", "pack_size", "default_chosen_reward", "default_rejected_reward")
+"""`DataConfig` fields that SPIN and distillation (SFT data, no packing) have no use for."""
+
+
+def section_of(algorithm: str) -> str:
+    """The ``trainer.<section>`` / ``model.<section>`` name of a training tree."""
+    return ALGORITHM_SECTIONS[algorithm]
+
 
 MODEL_RENAMES = {"seq_length": "encoder_seq_length"}
 """`ModelConfig` field -> NeMo key under ``model.``."""
@@ -81,7 +115,7 @@ def default_of(cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
-def _spec(cls: type, name: str, key: str | None = None, doc: str = "") -> FieldSpec:
+def spec_of(cls: type, name: str, key: str | None = None, doc: str = "") -> FieldSpec:
     """A field with the same type and default as ``cls.name``, under key ``key``."""
     hint = typing.get_type_hints(cls)[name]
     return FieldSpec(key or name, hint, default_of(cls, name), doc=doc)
@@ -91,7 +125,7 @@ _ExpCheckpoint = typed_section(
     "CheckpointCallbackParams",
     "``exp_manager.checkpoint_callback_params``: what is written at the end.",
     [
-        _spec(
+        spec_of(
             RunConfig,
             "export_nemo",
             "save_nemo_on_train_end",
@@ -112,7 +146,7 @@ ExpManagerSection = typed_section(
         ),
         FieldSpec("exp_dir", str, "runs", doc="parent of new run directories"),
         FieldSpec("name", str | None, None, doc="run name; default <algorithm>-<timestamp>"),
-        _spec(
+        spec_of(
             RunConfig,
             "resume",
             "resume_if_exists",
@@ -138,7 +172,7 @@ PretrainedSection = typed_section(
     "PretrainedCheckpointSection",
     "``pretrained_checkpoint``: the initial policy.",
     [
-        _spec(
+        spec_of(
             RunConfig,
             "restore_from_path",
             doc=".nemo file or directory; unset trains a fresh tiny model",
@@ -146,19 +180,25 @@ PretrainedSection = typed_section(
     ],
 )
 
-DataSection = typed_section(
-    "DataSection",
-    "``model.data``: files and how they become batches (align-core's DataConfig).",
-    [
-        FieldSpec(
-            "data_prefix",
-            Any,
-            None,
-            doc="train file(s), or {train: [...], validation: [...], test: [...]}",
-        ),
-        *flat_fields(DataConfig, rename=DATA_RENAMES, exclude=_DATA_ELSEWHERE),
-    ],
-)
+
+def data_section(name: str = "DataSection", exclude: tuple[str, ...] = ()) -> type:
+    """``model.data`` with ``data_prefix`` and the `DataConfig` fields (less ``exclude``)."""
+    return typed_section(
+        name,
+        "``model.data``: files and how they become batches (align-core's DataConfig).",
+        [
+            FieldSpec(
+                "data_prefix",
+                Any,
+                None,
+                doc="train file(s), or {train: [...], validation: [...], test: [...]}",
+            ),
+            *flat_fields(DataConfig, rename=DATA_RENAMES, exclude=_DATA_ELSEWHERE + exclude),
+        ],
+    )
+
+
+DataSection = data_section()
 
 
 SCHEDULER_NAMES = {
@@ -239,24 +279,66 @@ PeftSection = typed_section(
 )
 
 
-@cache
-def tree_class(algorithm: TreeAlgorithm) -> type:
-    """The typed configuration tree of ``algorithm`` (``dpo`` also serves IPO and RPO)."""
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
-    name = algorithm.upper()
-    trainer = typed_section(
-        f"{name}TrainerSection",
-        "``trainer``: launch settings and the loop of this algorithm.",
-        [
-            FieldSpec("devices", int | None, None, doc="processes per node (= --nproc-per-node)"),
-            FieldSpec("num_nodes", int, 1, doc="nodes (= --nnodes)"),
+def launch_fields(*, precision: bool = True) -> list[FieldSpec]:
+    """``trainer.devices``, ``trainer.num_nodes`` (and ``trainer.precision``)."""
+    fields = [
+        FieldSpec("devices", int | None, None, doc="processes per node (= --nproc-per-node)"),
+        FieldSpec("num_nodes", int, 1, doc="nodes (= --nnodes)"),
+    ]
+    if precision:
+        fields.append(
             FieldSpec(
                 "precision",
                 str | None,
                 None,
                 doc="NeMo precision (bf16, bf16-mixed, 16, 32); sets model.dtype",
-            ),
+            )
+        )
+    return fields
+
+
+def model_fields(*, batch: bool = True, seed: bool = True, optim: bool = True) -> list[FieldSpec]:
+    """NeMo's flat ``model.*`` keys: batch sizes and seed, parallel layout, architecture, optim."""
+    fields = []
+    if batch:
+        fields += [
+            spec_of(DataConfig, "micro_batch_size"),
+            spec_of(DataConfig, "global_batch_size"),
+        ]
+    if seed:
+        fields.append(spec_of(RunConfig, "seed"))
+    fields += [
+        *flat_fields(ParallelConfig),
+        *flat_fields(ModelConfig, optional=True, rename=MODEL_RENAMES),
+    ]
+    if optim:
+        fields.append(FieldSpec("optim", OptimSection, factory=OptimSection))
+    return fields
+
+
+RUN_SECTIONS = [
+    FieldSpec("exp_manager", ExpManagerSection, factory=ExpManagerSection),
+    FieldSpec("pretrained_checkpoint", PretrainedSection, factory=PretrainedSection),
+]
+"""The top-level sections every training tree ends with."""
+
+
+@cache
+def tree_class(algorithm: TreeAlgorithm) -> type:
+    """The typed configuration tree of ``algorithm`` (``dpo`` also serves IPO and RPO)."""
+    if algorithm not in ALGORITHMS:
+        from align_cli.config.trees import TREES
+
+        if algorithm in TREES:
+            return TREES[algorithm]()
+        names = ", ".join([*ALGORITHMS, *TREES])
+        raise ConfigError(f"unknown algorithm {algorithm!r}; one of {names}")
+    name = algorithm.upper()
+    trainer = typed_section(
+        f"{name}TrainerSection",
+        "``trainer``: launch settings and the loop of this algorithm.",
+        [
+            *launch_fields(),
             FieldSpec(algorithm, TrainerConfig, factory=TrainerConfig, doc="the trainer loop"),
         ],
     )
@@ -264,12 +346,7 @@ def tree_class(algorithm: TreeAlgorithm) -> type:
         f"{name}ModelSection",
         "``model``: batch sizes, parallel layout, architecture and algorithm settings.",
         [
-            _spec(DataConfig, "micro_batch_size"),
-            _spec(DataConfig, "global_batch_size"),
-            _spec(RunConfig, "seed"),
-            *flat_fields(ParallelConfig),
-            *flat_fields(ModelConfig, optional=True, rename=MODEL_RENAMES),
-            FieldSpec("optim", OptimSection, factory=OptimSection),
+            *model_fields(),
             FieldSpec("peft", PeftSection, factory=PeftSection),
             FieldSpec(algorithm, ALGORITHMS[algorithm], factory=ALGORITHMS[algorithm]),
             FieldSpec("data", DataSection, factory=DataSection),
@@ -282,10 +359,18 @@ def tree_class(algorithm: TreeAlgorithm) -> type:
         [
             FieldSpec("trainer", trainer, factory=trainer),
             FieldSpec("model", model, factory=model),
-            FieldSpec("exp_manager", ExpManagerSection, factory=ExpManagerSection),
-            FieldSpec("pretrained_checkpoint", PretrainedSection, factory=PretrainedSection),
+            *RUN_SECTIONS,
         ],
     )
+
+
+def file_list(value: Any, key: str) -> tuple[str, ...]:
+    """One path or a list of paths (None: none) as a tuple.
+
+    Raises:
+        ConfigError: Anything else, naming ``key``.
+    """
+    return _file_list(value, key)
 
 
 def _file_list(value: Any, key: str) -> tuple[str, ...]:
@@ -356,25 +441,14 @@ def model_overrides(tree: Any) -> dict[str, Any]:
     return out
 
 
-def to_run_config(
-    algorithm: TreeAlgorithm,
-    tree: Any,
-    run_dir: str,
-    *,
-    base_model: ModelConfig | None = None,
-) -> RunConfig:
-    """The typed `align_core.trainer.RunConfig` of a typed tree.
+def model_for(tree: Any, base_model: ModelConfig | None) -> ModelConfig | None:
+    """The architecture of a run: the checkpoint's, changed by the ``model.*`` keys.
 
-    Args:
-        algorithm: ``dpo``, ``kto`` or ``sft``.
-        tree: An instance of ``tree_class(algorithm)``.
-        run_dir: The resolved run directory.
-        base_model: The architecture read from ``pretrained_checkpoint.restore_from_path``,
-            needed only when ``model.*`` keys change a restored model. Without a restored model
-            the architecture is `ModelConfig`'s defaults with the ``model.*`` keys applied.
+    Without a restored model it is `ModelConfig`'s defaults with the ``model.*`` keys applied;
+    None lets align-core decide (the checkpoint's architecture, or its tiny default).
 
     Raises:
-        ConfigError: A value the typed configs reject, naming the key.
+        ConfigError: ``model.*`` keys change a restored model whose architecture was not given.
     """
     changes = model_overrides(tree)
     restore = tree.pretrained_checkpoint.restore_from_path
@@ -384,36 +458,80 @@ def to_run_config(
             from align_data import ByteTokenizer
 
             changes["vocab_size"] = ByteTokenizer().vocab_size
-        model = _model_config(changes) if changes else None  # None: the trainer's tiny default
-    elif changes:
+        return _model_config(changes) if changes else None  # None: the trainer's tiny default
+    if changes:
         if base_model is None:
             raise ConfigError(
                 f"model.{next(iter(changes))}: changing a restored model needs its architecture "
                 "(base_model)",
                 key="model",
             )
-        model = base_model.replace(**changes)
-    else:
-        model = None  # the trainer reads the architecture from the checkpoint
-    train_files, validation_files = normalize_data_prefix(tree.model.data.data_prefix)
-    data_kwargs = {
-        f.name: getattr(tree.model.data, DATA_RENAMES.get(f.name, f.name))
+        return base_model.replace(**changes)
+    return None  # the trainer reads the architecture from the checkpoint
+
+
+def data_config(
+    tree: Any,
+    train_files: tuple[str, ...],
+    validation_files: tuple[str, ...],
+    *,
+    batch: bool = True,
+    **changes: Any,
+) -> DataConfig:
+    """`DataConfig` from ``model.data`` (the fields its section has), the files and batch sizes.
+
+    Raises:
+        ConfigError: A value `DataConfig` rejects.
+    """
+    section = tree.model.data
+    kwargs = {
+        f.name: getattr(section, DATA_RENAMES.get(f.name, f.name))
         for f in dataclasses.fields(DataConfig)
-        if f.name not in _DATA_ELSEWHERE
+        if f.name not in _DATA_ELSEWHERE and hasattr(section, DATA_RENAMES.get(f.name, f.name))
     }
+    if batch:
+        kwargs["micro_batch_size"] = tree.model.micro_batch_size
+        kwargs["global_batch_size"] = tree.model.global_batch_size
     try:
-        data = DataConfig(
+        return DataConfig(
             train_files=train_files,
             validation_files=validation_files,
-            micro_batch_size=tree.model.micro_batch_size,
-            global_batch_size=tree.model.global_batch_size,
-            **data_kwargs,
+            **{**kwargs, **changes},
         )
     except ValueError as exc:
         raise ConfigError(str(exc), key="model.data") from exc
+
+
+def to_run_config(
+    algorithm: TreeAlgorithm,
+    tree: Any,
+    run_dir: str,
+    *,
+    base_model: ModelConfig | None = None,
+) -> Any:
+    """The typed run configuration of a typed tree (align-core's, or align-kd's for ``kd``).
+
+    Args:
+        algorithm: ``dpo``, ``kto``, ``sft``, ``spin``, ``kd``, ``kd_teacher`` or ``generate``.
+        tree: An instance of ``tree_class(algorithm)``.
+        run_dir: The resolved run directory.
+        base_model: The architecture read from ``pretrained_checkpoint.restore_from_path``,
+            needed only when ``model.*`` keys change a restored model. Without a restored model
+            the architecture is `ModelConfig`'s defaults with the ``model.*`` keys applied.
+
+    Raises:
+        ConfigError: A value the typed configs reject, naming the key.
+    """
+    if algorithm not in ALGORITHMS:
+        from align_cli.config.trees import RUN_CONFIGS
+
+        return RUN_CONFIGS[algorithm](tree, run_dir, base_model)
+    model = model_for(tree, base_model)
+    train_files, validation_files = normalize_data_prefix(tree.model.data.data_prefix)
+    data = data_config(tree, train_files, validation_files)
     parallel = extract(ParallelConfig, tree.model, "model")
     optim = extract(OptimizerConfig, tree.model.optim, "model.optim")
-    sched = _scheduler(tree.model.optim.sched)
+    sched = scheduler(tree.model.optim.sched)
     kwargs: dict[str, Any] = {algorithm: getattr(tree.model, algorithm)}
     return RunConfig(
         algorithm=algorithm,
@@ -434,7 +552,8 @@ def to_run_config(
     )
 
 
-def _scheduler(section: Any) -> SchedulerConfig:
+def scheduler(section: Any) -> SchedulerConfig:
+    """`SchedulerConfig` from ``model.optim.sched`` (NeMo's ``name`` sets ``style``)."""
     key = "model.optim.sched"
     if section.name is not None:
         if section.name not in SCHEDULER_NAMES:
