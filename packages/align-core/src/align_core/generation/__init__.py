@@ -1,7 +1,8 @@
 """Batched text generation for megatron-core GPT models (KV cache, sampling, TP/PP, CPU).
 
 Start with `Generator` and `SamplingConfig` / `LengthConfig`; the functions in `sampling` and
-`stopping` are the pure pieces it is made of. See ``packages/align-core/docs/generation.md``.
+`stopping` are the pure pieces it is made of. See the Generation section of
+``packages/align-core/README.md``.
 """
 
 from align_core.generation.config import LengthConfig, SamplingConfig
