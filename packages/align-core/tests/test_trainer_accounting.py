@@ -75,7 +75,7 @@ def _examples(n):
     ]
 
 
-def _data(rank=0, size=1, mbs=2, gbs=8):
+def _data(rank=0, size=1, mbs=2, gbs=8, **kwargs):
     return TrainData(
         _examples(40),
         _examples(16),
@@ -86,6 +86,7 @@ def _data(rank=0, size=1, mbs=2, gbs=8):
         data_parallel_rank=rank,
         data_parallel_size=size,
         seed=3,
+        **kwargs,
     )
 
 
@@ -114,3 +115,53 @@ def test_data_parallel_ranks_split_the_global_batch():
     assert one == eight == full
     # All micro-batches of a step share one padded length.
     assert len({mb["tokens"].shape for mb in _data(mbs=1).train_micro_batches(8)}) == 1
+
+
+def test_a_limited_epoch_ends_where_the_trainer_epoch_ends():
+    # 40 examples, global batch 8: 5 complete batches; limit_train_batches 0.4 keeps
+    # int(5 × 0.4) = 2 steps per epoch, so 3 epochs are 6 steps.
+    plan = plan_steps(
+        TrainerConfig(max_epochs=3, limit_train_batches=0.4),
+        train_samples=40,
+        global_batch_size=8,
+        val_batches=0,
+    )
+    assert (plan.steps_per_epoch, plan.max_steps) == (2, 6)
+    data = _data(epoch_batches=plan.steps_per_epoch, per_epoch_cache_rows=True)
+    assert data.steps_per_epoch == 2 and data.batches_per_epoch == 5
+    # Step s (1-based) follows consumed = 8·(s − 1) examples; its epoch is (s − 1) // 2 and it
+    # takes batch (s − 1) % 2 of that epoch's permutation (seed 3, numpy's default_rng([3, e])).
+    for step, epoch, batch in [(1, 0, 0), (2, 0, 1), (3, 1, 0), (4, 1, 1), (5, 2, 0), (6, 2, 1)]:
+        consumed = 8 * (step - 1)
+        order = np.random.default_rng([3, epoch]).permutation(40)
+        assert data.epoch_of(consumed) == epoch
+        want = order[8 * batch : 8 * batch + 8]
+        assert data.train_indices(consumed).tolist() == want.tolist()
+        rows = np.concatenate([mb["cache_rows"] for mb in data.train_micro_batches(consumed)])
+        assert rows.tolist() == (want + 40 * epoch).tolist()  # KTO's per-epoch cache rows
+    # Without the limit the third step is still in epoch 0, at its third batch.
+    full = _data()
+    assert full.epoch_of(16) == 0
+    assert (
+        full.train_indices(16).tolist()
+        == np.random.default_rng([3, 0]).permutation(40)[16:24].tolist()
+    )
+
+
+def test_epoch_lengths_of_data_and_trainer_must_agree(dist_ctx):
+    import torch
+
+    from align_core.algorithms import SFTConfig
+    from align_core.algorithms.sft import SFTStep
+    from align_core.trainer.loop import ParallelGroups, Trainer
+
+    config = TrainerConfig(limit_train_batches=0.4)
+    groups = ParallelGroups.from_megatron(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"data's epochs hold 5 .* hold 2 .*epoch_batches=2"):
+        Trainer(config=config, algorithm=SFTStep(SFTConfig()), model=None, optimizer=None,
+                data=_data(), forward_fn=None, learning_rate=None, groups=groups)  # fmt: skip
+    with pytest.raises(ValueError, match=r"epoch_batches 6 must be in \[1, 5\]"):
+        _data(epoch_batches=6)
+    with pytest.raises(ValueError, match=r"limit_train_batches 0\.1 leaves no step of the 5"):
+        plan_steps(TrainerConfig(limit_train_batches=0.1), train_samples=40, global_batch_size=8,
+                   val_batches=0)  # fmt: skip

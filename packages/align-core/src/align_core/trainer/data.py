@@ -7,10 +7,12 @@ gives exactly the batches an uninterrupted run would have seen.
 
 Global batch ``k`` of epoch ``e`` is ``order_e[k·G : (k+1)·G]`` (``G`` = global batch size,
 ``order_e`` a seeded permutation, or the identity without shuffling; an incomplete last batch
-is dropped). Data-parallel rank ``d`` takes the contiguous slice
-``[d·G/D : (d+1)·G/D]`` and splits it into micro-batches of ``micro_batch_size``; every
-micro-batch of the step is padded to the step's longest row on this rank (pipeline
-parallelism exchanges activations of one fixed shape).
+is dropped). An epoch is ``epoch_batches`` global batches: the trainer's ``steps_per_epoch``,
+fewer than the complete batches under ``limit_train_batches < 1``; the next epoch then starts at
+the head of its own order, so the epoch the trainer logs is the epoch the data comes from.
+Data-parallel rank ``d`` takes the contiguous slice ``[d·G/D : (d+1)·G/D]`` and splits it
+into micro-batches of ``micro_batch_size``; every micro-batch of the step is padded to the
+step's longest row on this rank (pipeline parallelism exchanges activations of one fixed shape).
 
 Each model batch carries ``cache_rows`` (the reference cache rows of its examples, see
 `align_core.reference.PrecomputedReference`): the dataset index, or for per-epoch caches
@@ -60,6 +62,8 @@ class TrainData:
         pad_multiple: Round each step's row length up to a multiple of this.
         pack_capacity: Pack examples into rows of this many positions (None: pad, one
             sequence per row).
+        epoch_batches: Global batches per epoch, the trainer's ``steps_per_epoch`` (fewer than
+            the complete batches under ``limit_train_batches``); None: every complete batch.
     """
 
     train: Sequence[Any]
@@ -75,6 +79,7 @@ class TrainData:
     per_epoch_cache_rows: bool = False
     pad_multiple: int = 1
     pack_capacity: int | None = None
+    epoch_batches: int | None = None
 
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.data_parallel_size
@@ -83,6 +88,12 @@ class TrainData:
                 f"model.global_batch_size {self.global_batch_size} is not a multiple of "
                 f"micro_batch_size × data-parallel size = {self.micro_batch_size} × "
                 f"{self.data_parallel_size}"
+            )
+        if self.epoch_batches is not None and not 0 < self.epoch_batches <= self.batches_per_epoch:
+            raise ValueError(
+                f"TrainData.epoch_batches {self.epoch_batches} must be in [1, "
+                f"{self.batches_per_epoch}] (the complete global batches of {len(self.train)} "
+                f"examples at global batch size {self.global_batch_size})"
             )
 
     @property
@@ -96,6 +107,11 @@ class TrainData:
         return len(self.train) // self.global_batch_size
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) per epoch: ``epoch_batches``, else all complete ones."""
+        return self.batches_per_epoch if self.epoch_batches is None else self.epoch_batches
+
+    @property
     def num_val_batches(self) -> int:
         """Complete validation global batches."""
         return len(self.val) // self.global_batch_size
@@ -107,11 +123,11 @@ class TrainData:
 
     def epoch_of(self, consumed_samples: int) -> int:
         """Epoch of the global batch that follows ``consumed_samples`` examples."""
-        return consumed_samples // (self.batches_per_epoch * self.global_batch_size)
+        return consumed_samples // (self.steps_per_epoch * self.global_batch_size)
 
     def train_indices(self, consumed_samples: int) -> np.ndarray:
         """Dataset indices of the whole global batch after ``consumed_samples`` (all ranks)."""
-        per_epoch = self.batches_per_epoch * self.global_batch_size
+        per_epoch = self.steps_per_epoch * self.global_batch_size
         if per_epoch == 0:
             raise ValueError(
                 f"{len(self.train)} training examples do not fill one global batch of "

@@ -35,6 +35,7 @@ from align_core.algorithms._common import AlgorithmStep, ModelBatch, sum_metrics
 from align_core.reference import ReferencePolicy
 from align_core.schedule import ForwardFn, broadcast_from_last_stage, forward_backward
 from align_core.trainer.config import TrainerConfig
+from align_core.trainer.data import TrainData
 from align_core.trainer.metrics import MetricsSink, Split, peak_memory_bytes
 from align_core.trainer.signals import StopRequest
 
@@ -147,7 +148,8 @@ def plan_steps(
     """NeMo-Aligner's step accounting (see the module docstring).
 
     Raises:
-        ValueError: Fewer training examples than one global batch.
+        ValueError: Fewer training examples than one global batch, or a
+            ``limit_train_batches`` that leaves no step per epoch.
     """
     full = train_samples // global_batch_size
     if full == 0:
@@ -156,6 +158,11 @@ def plan_steps(
             f"{global_batch_size} (model.global_batch_size)"
         )
     steps_per_epoch = _limit(config.limit_train_batches, full)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"trainer.limit_train_batches {config.limit_train_batches} leaves no step of the "
+            f"{full} global batches per epoch"
+        )
     max_steps = steps_per_epoch * config.max_epochs
     if config.max_steps >= 0:
         max_steps = min(max_steps, config.max_steps)
@@ -171,6 +178,16 @@ def plan_steps(
         val_batches=n_val,
         save_interval=max(0, int(config.save_interval)),
     )
+
+
+def _check_epoch_length(data: BatchSource, plan: StepPlan) -> None:
+    """A `TrainData` must end its epochs where the trainer's epochs end."""
+    if isinstance(data, TrainData) and data.steps_per_epoch != plan.steps_per_epoch:
+        raise ValueError(
+            f"the data's epochs hold {data.steps_per_epoch} global batches but the trainer's "
+            f"hold {plan.steps_per_epoch} steps (limit_train_batches): build TrainData with "
+            f"epoch_batches={plan.steps_per_epoch}"
+        )
 
 
 def _limit(limit: float, available: int) -> int:
@@ -241,6 +258,7 @@ class Trainer:
             global_batch_size=data.global_batch_size,
             val_batches=data.num_val_batches,
         )
+        _check_epoch_length(data, self.plan)
         self.last_train_metrics: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}
         self.last_checkpoint: str | None = None

@@ -165,6 +165,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         default_chosen_reward=run.data.default_chosen_reward,
         default_rejected_reward=run.data.default_rejected_reward,
     )
+    plan = _plan(run, len(datasets.train), len(datasets.val))
     data = TrainData(
         datasets.train,
         datasets.val,
@@ -178,9 +179,9 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         shuffle=run.data.shuffle,
         per_epoch_cache_rows=run.algorithm == "kto",
         pack_capacity=capacity,
+        epoch_batches=plan.steps_per_epoch,
     )
     stop = StopRequest(parse_max_time(run.trainer.max_time))
-    plan = _plan(run, data)
 
     strategy = "none"
     reference = None
@@ -316,14 +317,15 @@ def _check_layout(run: RunConfig) -> None:
         )
 
 
-def _plan(run: RunConfig, data: TrainData) -> StepPlan:
+def _plan(run: RunConfig, train_samples: int, val_samples: int) -> StepPlan:
     from align_core.trainer.loop import plan_steps
 
+    gbs = run.data.global_batch_size
     return plan_steps(
         run.trainer,
-        train_samples=len(data.train),
-        global_batch_size=data.global_batch_size,
-        val_batches=data.num_val_batches,
+        train_samples=train_samples,
+        global_batch_size=gbs,
+        val_batches=val_samples // gbs,
     )
 
 

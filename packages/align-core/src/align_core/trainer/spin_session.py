@@ -482,6 +482,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
                 data_parallel_size=ctx.data_parallel_size,
                 seed=_iteration_seed(run.data.seed, t),
                 shuffle=run.data.shuffle,
+                epoch_batches=plan.steps_per_epoch,
             )
             first = plan.start_step + local_step == 0
             trainer = Trainer(
