@@ -221,6 +221,12 @@ for _command in ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd"):
 def kd_teacher(
     ctx: typer.Context,
     restore: Annotated[str | None, typer.Option("--restore", help="The teacher (.nemo).")] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Check teacher, data and layout, print the plan, compute nothing."
+        ),
+    ] = False,
     config: _Config = None,
     show_config: _ShowConfig = False,
     quiet: _Quiet = False,
@@ -239,6 +245,7 @@ def kd_teacher(
         command=COMMAND,
         overrides=tuple(ctx.args),
         restore=restore,
+        dry_run=dry_run,
         config_file=config,
         show_config=show_config,
         quiet=quiet,

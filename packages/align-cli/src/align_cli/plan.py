@@ -29,7 +29,16 @@ from align_cli.errors import UsageError
 if TYPE_CHECKING:
     from align_cli.commands.run import Prepared
 
-__all__ = ["DataPlan", "MemoryEstimate", "count_parameters", "dry_run", "estimate_memory"]
+__all__ = [
+    "DataPlan",
+    "MemoryEstimate",
+    "count_parameters",
+    "dry_run",
+    "estimate_memory",
+    "model_line",
+    "model_source",
+    "plan_data",
+]
 
 _KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -358,8 +367,8 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             else "off",
         ),
         ("checkpoints", f"every {steps.save_interval} steps" if steps.save_interval else "at end"),
-        _reference_row(algorithm, run, reference),
-        ("model", _model_line(model, run)),
+        _reference_row(algorithm, run, reference, source),
+        ("model", model_line(model, run.restore_from_path)),
         ("parameters", f"{count_parameters(model, parallel.tensor_model_parallel_size):,}"),
     ]
     for name, value in rows:
@@ -429,32 +438,72 @@ def _steps(algorithm: str, run: Any, data: DataPlan, val_batches: int) -> tuple[
     return steps, text
 
 
-def _reference_row(algorithm: str, run: Any, reference: str) -> tuple[str, str]:
+def _reference_row(algorithm: str, run: Any, reference: str, source: Any) -> tuple[str, str]:
     if algorithm == "spin":
         return "opponent", f"{run.reference.strategy} -> {reference} (refreshed every iteration)"
     if algorithm == "kd":
-        teacher = run.teacher
-        if teacher.online:
-            if not Path(teacher.restore_from_path).exists():
-                raise UsageError(
-                    f"teacher.restore_from_path: {teacher.restore_from_path}: no such file"
-                )
-            return "teacher", f"online: {teacher.restore_from_path}, top-{teacher.top_k}"
-        if teacher.directory:
-            if not (Path(teacher.directory) / "train").is_dir():
-                raise UsageError(
-                    f"teacher.directory: {teacher.directory} holds no train/ store "
-                    "(write it with `align kd teacher ... output=DIR`)"
-                )
-            return "teacher", f"offline stores: {teacher.directory}"
-        return "teacher", f"NeMo-Aligner JSONL: {', '.join(teacher.nemo_jsonl)}"
+        return "teacher", _teacher_line(run, int(source.tokenizer.vocab_size))
     if algorithm == "sft":
         return "reference", "none"
     return "reference", f"{run.reference.strategy} -> {reference}"
 
 
-def _model_line(model: Any, run: Any) -> str:
-    source = run.restore_from_path or "fresh (random init)"
+def _teacher_line(run: Any, student_vocab: int) -> str:
+    """Check a distillation run's teacher source as training will; describe it.
+
+    Raises:
+        UsageError: A missing teacher, an incomplete teacher pass, or vocabularies that differ
+            without ``cross_tokenizer``.
+    """
+    from align_kd.step import check_vocabularies
+
+    teacher = run.teacher
+    kd = run.knowledge_distillation
+    key = "model.knowledge_distillation.teacher"
+    try:
+        if teacher.online:
+            if not Path(teacher.restore_from_path).is_file():
+                raise UsageError(
+                    f"{key}.restore_from_path: {teacher.restore_from_path}: no such file"
+                )
+            view = dataclasses.replace(
+                core_view("kd", run), restore_from_path=teacher.restore_from_path, model=None
+            )
+            model = model_source(view)
+            check_vocabularies(
+                teacher_vocab_size=int(model.tokenizer.vocab_size),
+                student_vocab_size=student_vocab,
+                cross_tokenizer=kd.cross_tokenizer,
+            )
+            kd.effective_top_k(teacher.top_k)
+            return (
+                f"online, top-{teacher.top_k}: {model_line(model.model, teacher.restore_from_path)}"
+            )
+        if teacher.directory:
+            from align_kd.teacher import open_teacher_store, teacher_vocab_size
+
+            root = Path(teacher.directory)
+            if not (root / "train").is_dir():
+                raise UsageError(
+                    f"{key}.directory: {root} holds no train/ store "
+                    "(write it with `align kd teacher ... output=DIR`)"
+                )
+            reader = open_teacher_store(root / "train")
+            check_vocabularies(
+                teacher_vocab_size=teacher_vocab_size(root / "train"),
+                student_vocab_size=student_vocab,
+                cross_tokenizer=kd.cross_tokenizer,
+            )
+            kd.effective_top_k(reader.top_k)
+            return f"offline stores: {root} ({len(reader):,} train samples, top-{reader.top_k})"
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return f"NeMo-Aligner JSONL: {', '.join(teacher.nemo_jsonl)}"
+
+
+def model_line(model: Any, restore_from_path: str | None) -> str:
+    """One line describing an architecture and where its weights come from."""
+    source = restore_from_path or "fresh (random init)"
     fields = dataclasses.asdict(model)
     return (
         f"{source}: {fields['num_layers']} layers, hidden {fields['hidden_size']}, "

@@ -74,8 +74,6 @@ def execute_generate(
     tree = composed.tree
     if not Path(tree.prompts_file).is_file():
         raise UsageError(f"{tree.prompts_file}: no such file")
-    if options.dry_run:
-        raise UsageError("--dry-run is not available for `align generate`")
     how = launch_options(options, tree)
     if launcher() is not None or how.world_size == 1:
         # One process, or one rank of an outer torchrun/Slurm job (each composed the same tree).

@@ -4,7 +4,9 @@ The tree is `align_cli.config.trees.kd_teacher_tree` (``output``, ``top_k``, ``d
 ``model.data.*`` as in the student's ``align run kd``). The output directory is the "run
 directory": it holds ``config.yaml`` and ``run.json`` (what torchrun workers read) next to the
 ``train/`` and ``validation/`` stores. Running the same command again continues every part of
-the stores where it stopped and computes nothing when they are complete.
+the stores where it stopped and computes nothing when they are complete. ``--dry-run`` checks the
+teacher, the data and the layout and prints the plan: examples and tokens per split, what a
+rerun would continue, and the expected store size.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ if TYPE_CHECKING:
     from align_cli.commands.run import RunOptions
     from align_cli.config import Composed
 
-__all__ = ["StoreStats", "execute_teacher", "run_teacher_worker", "store_stats"]
+__all__ = [
+    "StoreStats",
+    "execute_teacher",
+    "plan_teacher",
+    "run_teacher_worker",
+    "store_bytes_per_token",
+    "store_stats",
+]
 
 TREE = "kd_teacher"
 COMMAND = "kd-teacher"
@@ -99,10 +108,11 @@ def execute_teacher(options: RunOptions, console: Console | None = None) -> int:
             "output=DIR is required: the directory of the teacher stores (a rerun resumes it)"
         )
     out = Path(composed.tree.output)
-    to_run_config(TREE, composed.tree, str(out))  # every value checked before starting
+    config = to_run_config(TREE, composed.tree, str(out))  # every value checked before starting
+    how = launch_options(options, composed.tree)
     if options.dry_run:
-        raise UsageError("--dry-run is not available for `align kd teacher`")
-    return launch(out, composed, options, launch_options(options, composed.tree), console)
+        return plan_teacher(config, how, console)
+    return launch(out, composed, options, how, console)
 
 
 def run_teacher_worker(
@@ -135,6 +145,136 @@ def run_teacher_worker(
         )
     console.print(f"teacher top-k (k={config.output.top_k}): {out}", highlight=False)
     return 0
+
+
+def store_bytes_per_token(top_k: int, dtype: str, vocab_size: int, *, keep_input_ids: bool) -> int:
+    """Bytes one input position takes in an align-data teacher store (index excluded).
+
+    ``top_k`` logits in ``dtype`` and their ids (16 bits when the vocabulary fits, else 32),
+    the float32 log-sum-exp, and the int32 input id when ``keep_input_ids``.
+    """
+    logit = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    ids = 2 if vocab_size <= 1 << 16 else 4
+    return top_k * (logit + ids) + 4 + (4 if keep_input_ids else 0)
+
+
+def plan_teacher(config: Any, how: Any, console: Console) -> int:
+    """``align kd teacher --dry-run``: check everything and print the plan; compute nothing.
+
+    Args:
+        config: align-kd's `KDTeacherRunConfig`.
+        how: The launch (`align_cli.launch.LaunchOptions`).
+        console: Where the plan is printed.
+
+    Raises:
+        UsageError: A layout the processes cannot hold, a missing file, or an output directory
+            that holds a pass over another number of examples.
+    """
+    from rich.table import Table
+
+    from align_cli.plan import count_parameters, model_line, model_source, plan_data
+    from align_core.trainer import RunConfig
+
+    parallel = config.parallel
+    model_parallel = (
+        parallel.tensor_model_parallel_size
+        * parallel.pipeline_model_parallel_size
+        * parallel.context_parallel_size
+    )
+    if how.world_size % model_parallel:
+        raise UsageError(
+            f"{how.world_size} processes cannot hold TP × PP × CP = {model_parallel} "
+            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
+        )
+    view = RunConfig(
+        algorithm="sft",
+        run_dir=config.output.output_dir,
+        parallel=parallel,
+        data=config.data,
+        restore_from_path=config.restore_from_path,
+        seed=config.seed,
+    )
+    source = model_source(view)
+    teacher_vocab = int(source.tokenizer.vocab_size)  # what the stores record
+    tokenizer_line = f"the teacher's ({teacher_vocab:,} tokens)"
+    if config.tokenizer_from is not None:
+        import dataclasses
+
+        from align_core.nemo import open_nemo
+        from align_core.trainer.build import tokenizer_from_spec
+
+        if not Path(config.tokenizer_from).is_file():
+            raise UsageError(f"tokenizer_from: {config.tokenizer_from}: no such file")
+        with open_nemo(config.tokenizer_from) as ckpt:
+            tokenizer = tokenizer_from_spec(ckpt.tokenizer)
+        source = dataclasses.replace(source, tokenizer=tokenizer)
+        tokenizer_line = f"{config.tokenizer_from} ({tokenizer.vocab_size:,} tokens)"
+    data = plan_data(view, source)
+    out = Path(config.output.output_dir)
+    examples = {"train": data.train_examples}
+    if data.val_examples:
+        examples["validation"] = data.val_examples
+    per_token = store_bytes_per_token(
+        config.output.top_k,
+        config.output.dtype,
+        teacher_vocab,
+        keep_input_ids=config.output.keep_input_ids,
+    )
+    states = [_resume_state(out, split, count) for split, count in examples.items()]
+    dp = how.world_size // model_parallel
+    table = Table(title=f"plan: teacher top-k ({out})", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    for name, value in (
+        ("processes", f"{how.world_size} ({how.nnodes} node(s) × {how.nproc_per_node})"),
+        (
+            "layout",
+            f"TP={parallel.tensor_model_parallel_size} PP={parallel.pipeline_model_parallel_size}"
+            f" CP={parallel.context_parallel_size} DP={dp}",
+        ),
+        ("teacher", model_line(source.model, config.restore_from_path)),
+        ("parameters", f"{count_parameters(source.model, parallel.tensor_model_parallel_size):,}"),
+        ("tokenizer", tokenizer_line),
+        ("data", data.sources),
+        (
+            "examples",
+            f"{data.train_examples:,} train, {data.val_examples:,} held-out "
+            f"(≤ {data.max_length} tokens; {data.train_tokens:,} train tokens)",
+        ),
+        (
+            "top-k",
+            f"k={config.output.top_k}, {config.output.dtype} logits, micro-batch "
+            f"{config.output.micro_batch_size}",
+        ),
+        ("output", f"{out} ({'; '.join(states)})"),
+        (
+            "store (estimate)",
+            f"{per_token:,} bytes/token, ≈ {_size(per_token * data.train_tokens)} for train",
+        ),
+    ):
+        table.add_row(name, value)
+    console.print(table)
+    console.print(
+        "dry run: configuration and data are valid; nothing was computed", highlight=False
+    )
+    return 0
+
+
+def _resume_state(out: Path, split: str, examples: int) -> str:
+    """What a run would do with ``out/split``: start it, continue it, or nothing."""
+    import json
+
+    plan_file = out / split / "plan.json"
+    if not plan_file.is_file():
+        return f"{split}: new"
+    stored = json.loads(plan_file.read_text())["num_examples"]
+    if stored != examples:
+        raise UsageError(
+            f"output={out}: {split}/ holds a teacher pass over {stored:,} examples, this data "
+            f"has {examples:,}; use another output directory"
+        )
+    done = store_stats(out / split).samples
+    return f"{split}: complete" if done == stored else f"{split}: {done:,} of {stored:,} done"
 
 
 def _size(n: int) -> str:
