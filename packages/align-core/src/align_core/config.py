@@ -1,4 +1,4 @@
-"""Typed configuration of the GPT model and of the parallel layout.
+"""Typed configuration of the GPT model and of how it runs (parallel layout, recomputation).
 
 `ModelConfig` covers what NeMo GPT checkpoints use; `to_transformer_config` turns it into a
 megatron-core `TransformerConfig`. Every default lives in a dataclass field here and nowhere else.
@@ -113,19 +113,53 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is split over processes.
+    """How the model is split over processes, and which activations it keeps for backward.
+
+    Activation recomputation (NeMo's ``activations_checkpoint_*`` keys, megatron's
+    ``recompute_*``) trades compute for memory and leaves losses and gradients unchanged:
+    ``"selective"`` recomputes core attention; ``"full"`` keeps only each checkpointed layer's
+    input and runs its forward again during backward (what other trainers call gradient
+    checkpointing).
 
     Attributes:
         tensor_model_parallel_size: Tensor-parallel ranks (vocab and heads are split).
         pipeline_model_parallel_size: Pipeline stages (layers are split).
         sequence_parallel: Megatron sequence parallelism (GPU with Transformer Engine only).
         context_parallel_size: Context-parallel ranks (GPU only).
+        activations_checkpoint_granularity: None (keep every activation), ``"selective"`` or
+            ``"full"``.
+        activations_checkpoint_method: With ``"full"``: ``"uniform"`` checkpoints groups of
+            ``activations_checkpoint_num_layers`` layers; ``"block"`` checkpoints only the
+            first ``activations_checkpoint_num_layers`` layers of each pipeline stage.
+        activations_checkpoint_num_layers: Layers per group (``uniform``) or checkpointed
+            layers per stage (``block``).
     """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     context_parallel_size: int = 1
+    activations_checkpoint_granularity: Literal["selective", "full"] | None = None
+    activations_checkpoint_method: Literal["uniform", "block"] = "uniform"
+    activations_checkpoint_num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.activations_checkpoint_granularity not in (None, "selective", "full"):
+            raise ValueError(
+                "activations_checkpoint_granularity: "
+                f"{self.activations_checkpoint_granularity!r} is not one of None, 'selective', "
+                "'full'"
+            )
+        if self.activations_checkpoint_method not in ("uniform", "block"):
+            raise ValueError(
+                f"activations_checkpoint_method: {self.activations_checkpoint_method!r} is not "
+                "one of 'uniform', 'block'"
+            )
+        if self.activations_checkpoint_num_layers < 1:
+            raise ValueError(
+                "activations_checkpoint_num_layers: must be at least 1, got "
+                f"{self.activations_checkpoint_num_layers}"
+            )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -196,4 +230,30 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig = Paralle
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **_recompute(model, parallel),
     )
+
+
+def _recompute(model: ModelConfig, parallel: ParallelConfig) -> dict[str, object]:
+    """Megatron's ``recompute_*`` arguments for ``parallel``'s activation checkpointing.
+
+    Raises:
+        ValueError: ``full`` recomputation whose layer count does not fit a pipeline stage.
+    """
+    granularity = parallel.activations_checkpoint_granularity
+    if granularity != "full":
+        return {"recompute_granularity": granularity}
+    per_stage = model.num_layers // parallel.pipeline_model_parallel_size
+    layers = parallel.activations_checkpoint_num_layers
+    method = parallel.activations_checkpoint_method
+    if (method == "uniform" and per_stage % layers) or (method == "block" and layers > per_stage):
+        need = "divide" if method == "uniform" else "be at most"
+        raise ValueError(
+            f"activations_checkpoint_num_layers: {layers} must {need} the {per_stage} layers of "
+            f"each pipeline stage (activations_checkpoint_method={method!r})"
+        )
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": parallel.activations_checkpoint_method,
+        "recompute_num_layers": parallel.activations_checkpoint_num_layers,
+    }
