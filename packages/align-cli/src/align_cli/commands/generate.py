@@ -111,5 +111,6 @@ def run_generate_worker(
             f"({result.generated_tokens:,} tokens, {result.generated_tokens / result.prompts:,.1f}"
             f" per prompt, {result.tokens_per_s:,.0f} tokens/s)",
             highlight=False,
+            soft_wrap=True,
         )
     return 0

@@ -142,6 +142,7 @@ def run_teacher_worker(
             f"{stats.positions:,} tokens, {_size(stats.bytes)} = "
             f"{stats.bytes_per_token:,.0f} bytes/token",
             highlight=False,
+            soft_wrap=True,  # one line per split, also in logs
         )
     console.print(f"teacher top-k (k={config.output.top_k}): {out}", highlight=False)
     return 0
