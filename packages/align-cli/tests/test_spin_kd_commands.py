@@ -154,3 +154,11 @@ def test_generate_show_config_has_the_generation_keys(tmp_path: Path) -> None:
     assert "max_length: 7" in result.output
     assert "use_greedy:" in result.output
     assert "output_file: p.completions.jsonl" in result.output
+
+
+def test_kd_show_config_before_a_teacher_is_chosen() -> None:
+    result = invoke("run", "kd", "--show-config", "model.knowledge_distillation.kd_loss=bwd_kl")
+    assert result.exit_code == 0, result.output
+    assert "kd_loss: bwd_kl" in result.output
+    assert "restore_from_path: null" in result.output  # teacher source keys, all unset
+    assert "nemo_jsonl: null" in result.output

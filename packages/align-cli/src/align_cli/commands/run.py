@@ -89,7 +89,7 @@ class Prepared:
         composed: The configuration tree.
         run_dir: The run directory.
         run: The typed run configuration (align-core's `RunConfig` or `SPINRunConfig`,
-            align-kd's `KDRunConfig`).
+            align-kd's `KDRunConfig`); None with ``--show-config``.
         launch: How many processes, and where they meet.
         demo: Whether the built-in demo preset applies (no model, no data).
         resumed: Whether this continues an existing run directory.
@@ -215,13 +215,17 @@ def prepare(options: RunOptions) -> Prepared:
     composed.tree.exp_manager.explicit_log_dir = str(run_dir)
     if not composed.tree.exp_manager.resume_if_exists and resumed and not options.resume:
         resumed = False
-    run = to_run_config(
-        algorithm,  # type: ignore[arg-type]
-        composed.tree,
-        str(run_dir),
-        base_model=base_model_for(composed.tree),
-    )
-    if options.resume:
+    # --show-config prints the tree as composed, also one not complete yet (a KD run without
+    # its teacher source): the typed conversion and its checks come with running it.
+    run = None
+    if not options.show_config:
+        run = to_run_config(
+            algorithm,  # type: ignore[arg-type]
+            composed.tree,
+            str(run_dir),
+            base_model=base_model_for(composed.tree),
+        )
+    if options.resume and run is not None:
         run = dataclasses.replace(run, resume=True)
     return Prepared(
         composed=composed,
