@@ -11,7 +11,9 @@ measurement is a fresh process.
 align is run exactly as a user would (``python -m align_cli run dpo --restore ... key=value``),
 once per reference strategy: ``precompute`` (the default: one pass before training, cached),
 ``model`` (a second frozen model), ``swap`` (reference weights swapped in from pinned CPU memory)
-and, with LoRA adapters (rank 16 on all linears), ``adapters`` (the base model without adapters).
+and, with LoRA adapters (rank 16 on all linears), ``adapters`` (the base model without adapters);
+``precompute+full`` adds full activation recomputation
+(``model.activations_checkpoint_granularity=full``, TRL's gradient checkpointing).
 
 TRL is not part of the default install. With it (``uv sync --group bench``, or
 ``pip install trl transformers datasets accelerate``) the script also runs TRL's DPOTrainer in the
@@ -22,7 +24,7 @@ recorded, not measured now.
 
     uv run python bench/dpo_vs_trl.py                  # align strategies (+ TRL when installed)
     uv run python bench/dpo_vs_trl.py --repeats 3      # medians of 3 fresh runs each
-    uv run python bench/dpo_vs_trl.py --strategies precompute --no-trl
+    uv run python bench/dpo_vs_trl.py --strategies precompute,precompute+full --no-trl
 """
 
 from __future__ import annotations
@@ -140,8 +142,14 @@ def build_assets(workdir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- align
 
 
-def run_align(assets: dict[str, Any], strategy: str, workdir: Path, lora: bool) -> Result:
-    """One ``align run dpo`` in a fresh process; numbers from its metrics.jsonl."""
+def run_align(assets: dict[str, Any], variant: str, workdir: Path) -> Result:
+    """One ``align run dpo`` in a fresh process; numbers from its metrics.jsonl.
+
+    ``variant`` is a reference strategy, optionally with ``+full`` (full activation
+    recomputation); ``adapters`` trains LoRA adapters.
+    """
+    strategy, _, recompute = variant.partition("+")
+    lora = strategy == "adapters"
     run_dir = workdir / f"align-{strategy}-{time.time_ns()}"
     overrides = [
         f"model.data.data_prefix={assets['data']}",
@@ -163,6 +171,8 @@ def run_align(assets: dict[str, Any], strategy: str, workdir: Path, lora: bool) 
     ]
     if lora:
         overrides.append("model.peft.peft_scheme=lora")
+    if recompute:
+        overrides.append(f"model.activations_checkpoint_granularity={recompute}")
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     command = [sys.executable, "-m", "align_cli", "run", "dpo", "-q"]
     start = time.time()
@@ -180,6 +190,7 @@ def run_align(assets: dict[str, Any], strategy: str, workdir: Path, lora: bool) 
     wall = train[STEPS]["time"] - train[WARMUP]["time"]
     tokens = sum(r["tokens_per_s"] * r["step_time"] for r in timed)
     name = f"align, {strategy} reference" + (" (LoRA r=16)" if lora else "")
+    name += f", {recompute} recompute" if recompute else ""
     return Result(
         name=name,
         s_per_step=wall / len(timed),
@@ -353,14 +364,35 @@ def print_table(title: str, rows: list[Result]) -> None:
         )
 
 
-def print_ratios(align: Result, trl: list[tuple[str, float, float]], label: str) -> None:
-    """align's precompute run against each TRL configuration."""
+def print_ratios(pairs: list[tuple[Result, str, float, float]], label: str) -> None:
+    """Each align run against a TRL configuration: (align, TRL name, TRL tokens/s, TRL MiB)."""
     print(f"\n{label}")
-    for name, tok_s, peak in trl:
+    for align, name, tok_s, peak in pairs:
         print(
             f"  {align.name} vs {name}: tokens/s x{align.tokens_per_s / tok_s:.2f}, "
             f"peak memory x{align.peak_mib / peak:.2f}"
         )
+
+
+def matched_pairs(
+    align_rows: list[Result], trl: list[tuple[str, float, float]]
+) -> list[tuple[Result, str, float, float]]:
+    """align's precompute runs against every TRL configuration with the same memory trade-off.
+
+    align without recomputation faces TRL without gradient checkpointing; align with full
+    recomputation faces TRL with it (TRL's default).
+    """
+    pairs = []
+    for align in align_rows:
+        if not align.name.startswith("align, precompute reference"):
+            continue
+        recomputes = align.name.endswith("full recompute")
+        pairs += [
+            (align, name, tok_s, peak)
+            for name, tok_s, peak in trl
+            if name.endswith("no grad ckpt") != recomputes
+        ]
+    return pairs
 
 
 def load_average() -> str:
@@ -377,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="fresh runs per configuration")
     parser.add_argument(
         "--strategies",
-        default="precompute,model,swap,adapters",
-        help="align reference strategies to run (adapters trains LoRA adapters)",
+        default="precompute,precompute+full,model,swap,adapters",
+        help="align reference strategies to run (adapters trains LoRA adapters; +full adds "
+        "full activation recomputation)",
     )
     parser.add_argument("--no-trl", action="store_true", help="do not run TRL even if installed")
     parser.add_argument("--workdir", default=None, help="keep assets and runs here")
@@ -394,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     assets = build_assets(workdir)
     use_trl = trl_available() and not args.no_trl
     configs: list[tuple[str, Any]] = [
-        (f"align:{s}", lambda s=s: run_align(assets, s, workdir, lora=s == "adapters"))
+        (f"align:{s}", lambda s=s: run_align(assets, s, workdir))
         for s in args.strategies.split(",")
         if s
     ]
     if use_trl:
         configs += [
             (f"trl:{gc}:{pre}", lambda gc=gc, pre=pre: run_trl(assets, workdir, gc, pre))
-            for gc, pre in ((True, False), (False, True))
+            for gc, pre in ((True, False), (True, True), (False, True))
         ]
     runs: dict[str, list[Result]] = {key: [] for key, _ in configs}
     # Interleaved (a, b, c, a, b, c, ...): a change in machine load hits every configuration.
@@ -416,12 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         f"measured now ({args.repeats} run(s) each, median; 2 threads; steps {WARMUP + 1}-{STEPS})",
         measured + trl_rows,
     )
-    align_default = next((r for r in measured if r.name.startswith("align, precompute")), None)
-    if use_trl and align_default is not None:
+    if use_trl:
         print_ratios(
-            align_default,
-            [(r.name, r.tokens_per_s, r.peak_mib) for r in trl_rows],
-            "ratios (measured side by side):",
+            matched_pairs(measured, [(r.name, r.tokens_per_s, r.peak_mib) for r in trl_rows]),
+            "ratios (measured side by side; recomputation against gradient checkpointing):",
         )
     else:
         if not trl_available():
@@ -435,12 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, (s_step, tok_s, peak) in ANCHOR.items():
             print(f"  {name:<46} {s_step:>7.3f} s/step {tok_s:>7.0f} tok/s {peak:>6.0f} MiB")
-        if align_default is not None:
-            print_ratios(
-                align_default,
-                [(name, tok_s, peak) for name, (_, tok_s, peak) in ANCHOR.items()],
-                "ratios against the RECORDED anchor (different runs, different machine load):",
-            )
+        print_ratios(
+            matched_pairs(measured, [(n, tok_s, peak) for n, (_, tok_s, peak) in ANCHOR.items()]),
+            "ratios against the RECORDED anchor (different runs, different machine load):",
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps([asdict(r) for r in measured + trl_rows], indent=2) + "\n"
