@@ -5,7 +5,8 @@
     uv run python bench/losses.py --vocab 32000 --only token_logps --reps 5
 
 For each case it runs forward + backward (gradients w.r.t. every float input, upstream gradient
-random per token) and reports:
+random per token; ``chunked_linear_logps_frozen_weight``: the output weight frozen, gradients
+w.r.t. the hidden states only) and reports:
 
 * peak extra memory: the high-water mark of bytes allocated *during* forward + backward, above
   what was allocated before (inputs), gradients included. On CUDA this is
@@ -233,17 +234,19 @@ def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
             [logits],
             upstream,
         )
-    if name == "chunked_linear_logps":
+    if name in ("chunked_linear_logps", "chunked_linear_logps_frozen_weight"):
+        frozen = name.endswith("frozen_weight")
         hidden = torch.randn(n, args.hidden, device=device, generator=gen).to(dtype)
         weight = torch.randn(vocab, args.hidden, device=device, generator=gen) / args.hidden**0.5
-        weight = weight.to(dtype).requires_grad_()
+        weight = weight.to(dtype).requires_grad_(not frozen)
         hidden.requires_grad_()
         return Case(
-            f"{name} (H={args.hidden}, chunk={args.chunk_size})",
+            f"chunked_linear_logps (H={args.hidden}, chunk={args.chunk_size}"
+            f"{', frozen W' if frozen else ''})",
             vocab,
             lambda: naive_linear_logps(hidden, weight, labels),
             lambda: chunked_linear_logps(hidden, weight, labels, chunk_size=args.chunk_size),
-            [hidden, weight],
+            [hidden] if frozen else [hidden, weight],
             upstream,
         )
     tail = name == "topk_kd_loss_tail"
@@ -261,7 +264,13 @@ def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
     )
 
 
-FUNCTIONS = ["token_logps", "chunked_linear_logps", "topk_kd_loss", "topk_kd_loss_tail"]
+FUNCTIONS = [
+    "token_logps",
+    "chunked_linear_logps",
+    "chunked_linear_logps_frozen_weight",
+    "topk_kd_loss",
+    "topk_kd_loss_tail",
+]
 
 
 def main() -> None:

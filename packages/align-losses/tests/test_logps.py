@@ -220,6 +220,59 @@ def test_chunked_linear_frozen_hidden_gives_the_weight_gradient() -> None:
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])
+def test_chunked_linear_frozen_weight_matches_unfused(chunk_size: int) -> None:
+    # A frozen weight takes the path that forms the hidden-state gradient in forward.
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 4), generator=gen)
+    labels[0, 2] = -100
+    weights = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    out = chunked_linear_logps(hidden, weight, labels, chunk_size=chunk_size)
+    ref = naive_token_logps(hidden @ weight.T, labels)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    got, want = _grad(out, hidden, weights), _grad(ref, hidden, weights)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(got[0, 2], torch.zeros(6, dtype=torch.float64))  # ignored position
+
+
+def test_chunked_linear_frozen_weight_gradcheck_and_saved_size() -> None:
+    hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 5, -100, 2, 3])
+    assert torch.autograd.gradcheck(
+        lambda h: chunked_linear_logps(h, weight, labels, chunk_size=2), (hidden,)
+    )
+    # What is kept for backward is at most hidden-sized ([N, H]), never [N, V] or the weight.
+    big_hidden = torch.randn(32, 8, requires_grad=True)
+    big_weight = torch.randn(40, 8)
+    with SavedTensorBytes() as saved:
+        chunked_linear_logps(big_hidden, big_weight, torch.randint(0, 40, (32,)), chunk_size=8)
+    assert max(t.numel() for t in saved.saved) == 32 * 8
+
+
+def test_chunked_linear_frozen_weight_bf16_matches_unfused_bf16() -> None:
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(12, 16, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(64, 16, generator=gen) / 4).to(torch.bfloat16)
+    labels = torch.randint(0, 64, (12,), generator=gen)
+    out = chunked_linear_logps(hidden, weight, labels, chunk_size=5)
+    ref = token_logps(hidden @ weight.T, labels)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    got, want = _grad(out, hidden, torch.ones(12)), _grad(ref, hidden, torch.ones(12))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_chunked_linear_no_tokens_gives_zero_weight_gradient() -> None:
+    hidden = torch.randn(0, 3, requires_grad=True)
+    weight = torch.randn(5, 3, requires_grad=True)
+    out = chunked_linear_logps(hidden, weight, torch.zeros(0, dtype=torch.long))
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    assert torch.equal(grad, torch.zeros(5, 3))
+
+
 def test_chunked_linear_never_saves_logits() -> None:
     hidden = torch.randn(32, 8, requires_grad=True)
     weight = torch.randn(40, 8, requires_grad=True)

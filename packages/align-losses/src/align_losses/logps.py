@@ -221,6 +221,11 @@ class _ChunkedLinearLogps(torch.autograd.Function):
 
     Each chunk's logits are written into one reused ``[chunk_size, V]`` buffer (matmul with
     ``out=``) and turned into log-sum-exps / softmax gradients in place.
+
+    With ``precompute`` (a frozen ``weight``, unsharded, gradient wanted for ``hidden`` only) the
+    forward pass also forms ``e = (softmax − onehot) W`` per chunk from the logits it already
+    holds and keeps it (``[N, H]``, the size of ``hidden``); backward is then ``−g·e`` with no
+    matmul, instead of recomputing the logits and multiplying again.
     """
 
     @staticmethod
@@ -233,6 +238,7 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         chunk_size: int,
         group: ProcessGroup | None,
         vocab_start: int,
+        precompute: bool,
     ) -> Tensor:
         num_tokens = hidden.shape[0]
         vocab_local = weight.shape[0]
@@ -244,6 +250,12 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         shift = torch.empty(num_tokens, dtype=cdt, device=hidden.device)
         log_sum = torch.empty_like(shift)
         target = torch.empty_like(shift)
+        # precompute: e = (softmax − onehot) W per token, so that d log p / d h = −e.
+        grad_basis = minus_one = None
+        if precompute:
+            grad_basis = torch.empty_like(hidden)
+            minus_one = torch.full((min(chunk_size, num_tokens), 1), -1.0, dtype=cdt)
+            minus_one = minus_one.to(hidden.device)
         work = Workspace(vocab_local, cdt, hidden.device)
         low = None if cdt == hidden.dtype else Workspace(vocab_local, hidden.dtype, hidden.device)
         for start in range(0, num_tokens, chunk_size):
@@ -252,14 +264,27 @@ class _ChunkedLinearLogps(torch.autograd.Function):
             target[rows] = logits.gather(1, columns[rows].unsqueeze(1)).squeeze(1)
             row_max = logits.amax(dim=1, keepdim=True)
             shift[rows] = row_max.squeeze(1)
-            log_sum[rows] = logits.sub_(row_max).exp_().sum(dim=1).log_()
+            total = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+            log_sum[rows] = total.log().squeeze(1)
+            if grad_basis is not None and minus_one is not None:
+                # Unsharded here, so every label column is in ``logits`` (ignored rows get a
+                # harmless −1 at column 0: their upstream gradient is zeroed in backward).
+                probs = logits.div_(total)
+                probs.scatter_add_(1, columns[rows].unsqueeze(1), minus_one[: probs.shape[0]])
+                if low is not None:
+                    probs = low.rows(probs.shape[0]).copy_(probs)
+                torch.mm(probs, weight, out=grad_basis[rows])
         del work, low
         target = torch.where(owned, target, torch.zeros_like(target))
         shift, log_sum = combine_logsumexp(shift, log_sum, group)
         target = all_reduce(target, dist.ReduceOp.SUM, group)
         out = torch.where(valid, (target - shift) - log_sum, torch.zeros_like(shift))
 
-        ctx.save_for_backward(hidden, weight, columns, owned, valid, shift, log_sum)
+        if grad_basis is not None:
+            ctx.save_for_backward(grad_basis, valid)
+        else:
+            ctx.save_for_backward(hidden, weight, columns, owned, valid, shift, log_sum)
+        ctx.precompute = grad_basis is not None
         ctx.chunk_size = chunk_size
         ctx.group = group
         return out
@@ -267,7 +292,13 @@ class _ChunkedLinearLogps(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None, None]:
+        if ctx.precompute:
+            grad_basis, valid = ctx.saved_tensors
+            cdt = compute_dtype(grad_basis.dtype)
+            neg_g = torch.where(valid, grad_out.to(cdt).neg(), torch.zeros((), dtype=cdt))
+            grad_hidden = (grad_basis * neg_g.unsqueeze(1)).to(grad_basis.dtype)
+            return grad_hidden, None, None, None, None, None, None, None
         hidden, weight, columns, owned, valid, shift, log_sum = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
@@ -279,10 +310,12 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         shift, log_sum = shift.unsqueeze(1), log_sum.unsqueeze(1)
 
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # Half-precision weight gradients are accumulated across chunks in float32.
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_weight else None
-        )
+        # Half-precision weight gradients are accumulated across chunks in float32. The first
+        # chunk writes the buffer (no zero fill of a [V, H] tensor), later ones add to it.
+        grad_weight = None
+        if need_weight:
+            alloc = torch.empty if num_tokens > 0 else torch.zeros
+            grad_weight = alloc(weight.shape, dtype=cdt, device=weight.device)
         work = Workspace(vocab_local, cdt, hidden.device)
         low = None if cdt == hidden.dtype else Workspace(vocab_local, hidden.dtype, hidden.device)
         partial = None
@@ -298,17 +331,22 @@ class _ChunkedLinearLogps(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(d, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                if low is None:
+                if low is None and start == 0:
+                    torch.mm(d.t(), h, out=grad_weight)
+                elif low is None:
                     grad_weight.addmm_(d.t(), h)
                 else:
                     partial = torch.mm(d.t(), h, out=partial)
-                    grad_weight.add_(partial)
+                    if start == 0:
+                        grad_weight.copy_(partial)
+                    else:
+                        grad_weight.add_(partial)
         del work, low, partial
         if grad_hidden is not None:
             all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, work: Workspace, low: Workspace | None) -> Tensor:
@@ -341,6 +379,16 @@ def chunked_linear_logps(
     backward). Values and gradients to ``hidden`` and ``weight`` equal
     ``token_logps(hidden @ weight.T, labels)``. The technique is the fused linear cross-entropy
     of Liger-Kernel (https://arxiv.org/abs/2410.10989), written here per token.
+
+    Cost with both gradients: four ``N×H×V`` matmuls (forward logits; in backward the recomputed
+    logits, ``∂/∂h`` and ``∂/∂W``) against three for the dense version. The recompute cannot be
+    avoided without keeping ``[N, V]``: the upstream gradient is per token and unknown in forward,
+    and ``∂/∂W = Σ_n g_n (onehot_n − p_n)ᵀ h_n`` mixes it with every softmax row. When
+    ``weight`` is frozen (``requires_grad=False``, no ``group``, gradients enabled), ``∂/∂h =
+    −g·(p − onehot) W`` is formed in forward instead, a chunk at a time from the logits already
+    at hand, and kept (``[N, H]``, the size of ``hidden``): two matmuls in all, as many as the
+    dense version, and backward does no matmul. That forward matmul is spent even if backward
+    never runs; call under ``torch.no_grad()`` for forward-only use.
 
     With ``group`` (vocabulary parallelism), ``weight`` is this rank's rows
     ``[vocab_start, vocab_start + V_local)`` of the output embedding and ``hidden`` is replicated
@@ -380,6 +428,14 @@ def chunked_linear_logps(
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) dtypes differ")
     _check_labels(labels)
+    # A frozen output layer (e.g. adapters elsewhere): the hidden-state gradient is formed in
+    # forward from the logits already at hand, saving backward's recompute and matmul.
+    precompute = (
+        group is None
+        and torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+    )
     out = _ChunkedLinearLogps.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -388,5 +444,6 @@ def chunked_linear_logps(
         chunk_size,
         group,
         vocab_start,
+        precompute,
     )
     return out.view(labels.shape)
