@@ -162,3 +162,20 @@ def test_kd_show_config_before_a_teacher_is_chosen() -> None:
     assert "kd_loss: bwd_kl" in result.output
     assert "restore_from_path: null" in result.output  # teacher source keys, all unset
     assert "nemo_jsonl: null" in result.output
+
+
+def test_kd_from_nemo_aligner_jsonl_is_not_the_demo() -> None:
+    # The KD JSONL brings the examples: data is given, so no demo preset (max_steps 30).
+    jsonl = "model.knowledge_distillation.teacher.nemo_jsonl=topk.jsonl"
+    result = invoke("run", "kd", "--show-config", jsonl)
+    assert result.exit_code == 0, result.output
+    assert "max_steps: -1" in result.output
+    demo = invoke("run", "kd", "--show-config")
+    assert "max_steps: 30" in demo.output
+
+
+def test_spin_dry_run_names_the_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    result = invoke("run", "spin", "--dry-run", f"model.data.train_ds.file_path={missing}")
+    assert result.exit_code == 2
+    assert f"model.data.train_ds.file_path: {missing}: no such file" in result.output

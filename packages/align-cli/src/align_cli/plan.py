@@ -192,12 +192,13 @@ def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_lengt
     return preprocess(files, tokenizer, tmp, config).summary
 
 
-def plan_data(run: Any, source: Any) -> DataPlan:
+def plan_data(run: Any, source: Any, files_key: str = "model.data.data_prefix") -> DataPlan:
     """Validate and tokenize the run's data (or the synthetic task) into a temporary directory.
 
     Args:
         run: align-core's run configuration.
         source: `model_source` of the run (architecture and tokenizer).
+        files_key: The key that named the files (in the error for a missing one).
 
     Raises:
         align_data.DataError: The first malformed record (strict mode), as ``file:line: ...``.
@@ -230,7 +231,7 @@ def plan_data(run: Any, source: Any) -> DataPlan:
             )
         for path in train_files + val_files:
             if not Path(path).is_file():
-                raise UsageError(f"model.data.data_prefix: {path}: no such file")
+                raise UsageError(f"{files_key}: {path}: no such file")
         train = _preprocess(train_files, run, tokenizer, root / "train", max_length)
         val_examples = 0
         if val_files:
@@ -313,7 +314,8 @@ def dry_run(prepared: Prepared, console: Console) -> int:
         )
     accumulation = run.data.global_batch_size // per_step
     source = model_source(view)
-    data = plan_data(view, source)
+    files_key = "model.data.train_ds.file_path" if algorithm == "spin" else "model.data.data_prefix"
+    data = plan_data(view, source, files_key)
     val_batches = data.val_examples // run.data.global_batch_size
     steps, steps_text = _steps(algorithm, run, data, val_batches)
     model = source.model

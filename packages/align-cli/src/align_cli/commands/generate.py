@@ -106,10 +106,11 @@ def run_generate_worker(
     result = generate_jsonl(config)
     if world_rank() == 0 and not quiet:
         console = console or make_console()
+        per_prompt = result.generated_tokens / max(result.prompts, 1)
         console.print(
             f"wrote {result.prompts:,} completions to {result.output_file} "
-            f"({result.generated_tokens:,} tokens, {result.generated_tokens / result.prompts:,.1f}"
-            f" per prompt, {result.tokens_per_s:,.0f} tokens/s)",
+            f"({result.generated_tokens:,} tokens, {per_prompt:,.1f} per prompt, "
+            f"{result.tokens_per_s:,.0f} tokens/s)",
             highlight=False,
             soft_wrap=True,
         )

@@ -387,6 +387,10 @@ def data_files(algorithm: str, tree: Any) -> tuple[str, ...]:
     if algorithm == "generate":
         return (tree.prompts_file,) if tree.prompts_file else ()
     train, val = normalize_data_prefix(tree.model.data.data_prefix)
+    if algorithm == "kd":  # NeMo-Aligner KD JSONL brings its own examples
+        teacher = tree.model.knowledge_distillation.teacher
+        key = "model.knowledge_distillation.teacher.nemo_jsonl"
+        train += file_list(teacher.nemo_jsonl, key)
     return train + val
 
 
