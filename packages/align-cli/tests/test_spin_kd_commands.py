@@ -179,3 +179,19 @@ def test_spin_dry_run_names_the_missing_file(tmp_path: Path) -> None:
     result = invoke("run", "spin", "--dry-run", f"model.data.train_ds.file_path={missing}")
     assert result.exit_code == 2
     assert f"model.data.train_ds.file_path: {missing}: no such file" in result.output
+
+
+def test_kd_dry_run_plans_nemo_aligner_jsonl_examples(tmp_path: Path, tiny_nemo: Path) -> None:
+    # NeMo's lines: labels are the tokens shifted by one; the trained positions end the sequence.
+    line = {"tokens": [5, 6, 7, 8], "labels": [6, 7, 8, 9], "loss_mask": [0, 1, 1, 1]}
+    path = tmp_path / "topk.jsonl"
+    path.write_text("".join(json.dumps({**line, "index": i}) + "\n" for i in (1, 0)))
+    result = invoke(
+        "run", "kd", "--dry-run", "--restore", str(tiny_nemo),
+        f"model.knowledge_distillation.teacher.nemo_jsonl={path}",
+        "model.global_batch_size=2", "model.micro_batch_size=1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "NeMo-Aligner KD JSONL" in result.output
+    assert "2 train, 0 held-out" in result.output
+    assert "mean 5.0/example" in result.output  # four tokens and the last label

@@ -38,6 +38,7 @@ __all__ = [
     "model_line",
     "model_source",
     "plan_data",
+    "plan_nemo_kd_data",
 ]
 
 _KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
@@ -247,6 +248,55 @@ def plan_data(run: Any, source: Any, files_key: str = "model.data.data_prefix") 
     )
 
 
+def plan_nemo_kd_data(teacher: Any, seq_length: int) -> DataPlan:
+    """The examples of NeMo-Aligner KD JSONL (a distillation run's own data when it has them).
+
+    Args:
+        teacher: align-kd's `TeacherSourceConfig` with ``nemo_jsonl``.
+        seq_length: The student's sequence length (reported as the limit).
+
+    Raises:
+        UsageError: A missing file.
+        align_data.DataError: A malformed line (file, line and field named).
+    """
+    from align_data import PreprocessSummary
+    from align_kd.data import nemo_kd_examples
+
+    key = "model.knowledge_distillation.teacher"
+    splits = {
+        "nemo_jsonl": teacher.nemo_jsonl,
+        "nemo_jsonl_validation": teacher.nemo_jsonl_validation,
+    }
+    for name, paths in splits.items():
+        for path in paths:
+            if not Path(path).is_file():
+                raise UsageError(f"{key}.{name}: {path}: no such file")
+    train = nemo_kd_examples(list(teacher.nemo_jsonl))
+    val = (
+        nemo_kd_examples(list(teacher.nemo_jsonl_validation))
+        if teacher.nemo_jsonl_validation
+        else []
+    )
+    lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in train]
+    summary = PreprocessSummary(
+        kind="sft",
+        records=len(train),
+        examples=len(train),
+        sequences=len(train),
+        tokens=sum(lengths),
+        max_length=max(lengths, default=0),
+    )
+    return DataPlan(
+        train_examples=len(train),
+        val_examples=len(val),
+        train_sequences=len(train),
+        train_tokens=sum(lengths),
+        max_length=seq_length,
+        summary=summary,
+        sources=f"NeMo-Aligner KD JSONL: {', '.join(teacher.nemo_jsonl)}",
+    )
+
+
 def core_view(algorithm: str, run: Any) -> Any:
     """align-core's `RunConfig` of a run: itself, or an SFT view of a SPIN or distillation run.
 
@@ -314,8 +364,12 @@ def dry_run(prepared: Prepared, console: Console) -> int:
         )
     accumulation = run.data.global_batch_size // per_step
     source = model_source(view)
-    files_key = "model.data.train_ds.file_path" if algorithm == "spin" else "model.data.data_prefix"
-    data = plan_data(view, source, files_key)
+    if algorithm == "kd" and run.teacher.nemo_jsonl:
+        data = plan_nemo_kd_data(run.teacher, source.model.seq_length)
+    else:
+        spin = algorithm == "spin"
+        files_key = "model.data.train_ds.file_path" if spin else "model.data.data_prefix"
+        data = plan_data(view, source, files_key)
     val_batches = data.val_examples // run.data.global_batch_size
     steps, steps_text = _steps(algorithm, run, data, val_batches)
     model = source.model
