@@ -195,3 +195,25 @@ def test_kd_dry_run_plans_nemo_aligner_jsonl_examples(tmp_path: Path, tiny_nemo:
     assert "NeMo-Aligner KD JSONL" in result.output
     assert "2 train, 0 held-out" in result.output
     assert "mean 5.0/example" in result.output  # four tokens and the last label
+
+
+def test_store_stats_counts_committed_samples_and_positions(tmp_path: Path) -> None:
+    import numpy as np
+
+    from align_cli.commands.kd import store_stats
+    from align_data.stores import TeacherTopKWriter
+
+    lengths = {"part-00000": [3, 5], "part-00001": [4]}
+    for start, (name, ns) in enumerate(lengths.items()):
+        with TeacherTopKWriter(
+            tmp_path / name, top_k=2, dtype="fp32", start_index=2 * start, vocab_size=10
+        ) as writer:
+            for i, n in enumerate(ns):
+                logits = np.tile(np.array([[0.0, -1.0]], dtype=np.float32), (n, 1))
+                ids = np.tile(np.array([[1, 2]]), (n, 1))
+                writer.append(2 * start + i, logits, ids, np.zeros(n, dtype=np.float32))
+    stats = store_stats(tmp_path)
+    assert (stats.samples, stats.positions) == (3, 12)
+    size = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
+    assert stats.bytes == size
+    assert stats.bytes_per_token == size / 12

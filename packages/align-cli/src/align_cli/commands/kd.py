@@ -11,11 +11,11 @@ rerun would continue, and the expected store size.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -68,10 +68,11 @@ def store_stats(directory: Path) -> StoreStats:
     """
     samples = positions = 0
     for index in directory.rglob("index.bin"):
-        entries = np.fromfile(index, dtype=np.int64)
-        entries = entries[: len(entries) // 3 * 3].reshape(-1, 3)
-        samples += len(entries)
-        positions += int(entries[:, 2].sum())
+        data = index.read_bytes()
+        entries = array("q")  # int64 in the machine's byte order, as align-data writes them
+        entries.frombytes(data[: len(data) // 24 * 24])  # committed entries only
+        samples += len(entries) // 3
+        positions += sum(entries[2::3])
     size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     return StoreStats(samples, positions, size)
 
