@@ -66,6 +66,13 @@ def test_spin_takes_a_per_iteration_kl_penalty() -> None:
     assert scalar.spin.beta(5) == scalar.spin.ref_policy_kl_penalty
     result = invoke("run", "spin", "--dry-run", *overrides, "model.data.synthetic.num_train=16")
     assert result.exit_code == 0, result.output
+    assert "β 0.1, 0.05" in result.output
+    short = invoke(
+        "run", "spin", "--dry-run", "model.spin.ref_policy_kl_penalty=[0.1]",
+        "trainer.spin.max_iterations=2", "model.data.synthetic.num_train=16",
+    )  # fmt: skip
+    assert short.exit_code == 2
+    assert "ref_policy_kl_penalty has 1 values, iteration 1 needs at least 2" in short.output
 
 
 def test_spin_uses_nemo_aligner_data_keys(sft_data) -> None:

@@ -476,7 +476,9 @@ def _steps(algorithm: str, run: Any, data: DataPlan, val_batches: int) -> tuple[
             text = (
                 f"{total:,} over {len(iterations)} iteration(s) ({per}); each generates "
                 f"{data.train_examples:,} answers, then {run.trainer.max_epochs} epoch(s) of "
-                f"{first.steps_per_epoch if first else 0:,} steps"
+                f"{first.steps_per_epoch if first else 0:,} steps; β "
+                # One β per iteration: a too short list fails here, not at that iteration.
+                + ", ".join(f"{run.spin.beta(t):g}" for t in range(len(iterations)))
             )
             return dataclasses.replace(steps, max_steps=total), text
         steps = plan_steps(
