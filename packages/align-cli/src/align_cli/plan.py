@@ -9,8 +9,9 @@ The memory estimate counts parameters analytically from the architecture (megatr
 and uses the usual rules of thumb: weights in the model dtype, fp32 gradients, Adam's two fp32
 moments (plus an fp32 master copy for bf16/fp16), the reference policy by strategy, and
 activations per micro-batch after Korthikanti et al. (2022), ``s·b·h·(34 + 5·a·s/h)`` bytes per
-layer at 16 bits (doubled for fp32), divided by TP. It is an estimate to catch gross misfits,
-not a measurement.
+layer at 16 bits (doubled for fp32), divided by TP; selective recomputation drops the attention
+term (``34·s·b·h``), full recomputation keeps one layer input (``2·s·b·h``) per checkpoint plus
+the layers recomputed at once. It is an estimate to catch gross misfits, not a measurement.
 """
 
 from __future__ import annotations
@@ -120,8 +121,13 @@ def estimate_memory(
     seq_length: int,
     sequences_per_example: int,
     reference_strategy: str,
+    parallel: Any = None,
 ) -> MemoryEstimate:
-    """Rule-of-thumb memory per rank (see the module docstring)."""
+    """Rule-of-thumb memory per rank (see the module docstring).
+
+    ``parallel`` (an `align_core.ParallelConfig`) supplies the activation recomputation; None
+    keeps every activation.
+    """
     params = count_parameters(model, tensor_parallel_size)
     per_rank = -(-params // (tensor_parallel_size * pipeline_parallel_size))
     width = _BYTES[model.dtype]
@@ -135,7 +141,8 @@ def estimate_memory(
     h, a = model.hidden_size, model.num_attention_heads
     layers_per_stage = -(-model.num_layers // pipeline_parallel_size)
     per_layer_16bit = s * b * h * (34 + 5 * a * s / h)
-    activations = int(per_layer_16bit * layers_per_stage * width / 2 / tensor_parallel_size)
+    kept_16bit = _kept_activations(per_layer_16bit, s * b * h, layers_per_stage, parallel)
+    activations = int(kept_16bit * width / 2 / tensor_parallel_size)
     return MemoryEstimate(
         parameters=per_rank,
         weights=weights,
@@ -145,6 +152,19 @@ def estimate_memory(
         reference_host=reference_host,
         activations=activations,
     )
+
+
+def _kept_activations(per_layer: float, sbh: int, layers: int, parallel: Any) -> float:
+    """16-bit activation bytes one pipeline stage keeps at peak, given its recomputation."""
+    granularity = getattr(parallel, "activations_checkpoint_granularity", None)
+    if granularity is None:
+        return per_layer * layers
+    if granularity == "selective":
+        return 34 * sbh * layers
+    n = min(parallel.activations_checkpoint_num_layers, layers)
+    if parallel.activations_checkpoint_method == "uniform":
+        return 2 * sbh * -(-layers // n) + per_layer * n  # group inputs + one group recomputed
+    return 2 * sbh * n + per_layer * (layers - n + 1)  # block: n inputs, the rest kept, one redone
 
 
 @dataclass(frozen=True)
@@ -383,6 +403,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
         seq_length=data.max_length,
         sequences_per_example=sequences,
         reference_strategy=reference,
+        parallel=parallel,
     )
     tokens_per_example = data.train_tokens / max(1, data.train_examples)
     tokens_per_step = tokens_per_example * run.data.global_batch_size
