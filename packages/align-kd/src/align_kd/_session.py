@@ -1,8 +1,9 @@
 """The student run once its pieces exist: trainer loop, checkpoints, resume, export.
 
-This mirrors the tail of ``align_core.trainer.session.run_training`` (which fixes the algorithm,
-the forward and the data source to align-core's own) with the distillation step, the logits
-forward and, online, a batch source that asks the teacher for its top-k.
+This mirrors ``align_core.trainer.session.run_training`` (which fixes the algorithm, the forward
+and the data source to align-core's own) with the distillation step, the logits forward and,
+online, a batch source that asks the teacher for its top-k; the end of the run (fit, export,
+sinks) is align-core's `fit_and_finish`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def fit(
 ) -> RunResult:
     """Train ``policy`` with ``step`` over ``train``/``val`` (see `align_kd.train.train_kd`)."""
     from align_core.checkpoint import Checkpointer
-    from align_core.nemo import save_nemo
     from align_core.optim import build_optimizer, learning_rate
     from align_core.trainer.data import TrainData
-    from align_core.trainer.loop import NonFiniteError, ParallelGroups, Trainer, plan_steps
+    from align_core.trainer.finish import export_final_nemo, fit_and_finish
+    from align_core.trainer.loop import ParallelGroups, Trainer, plan_steps
     from align_core.trainer.signals import StopRequest, parse_max_time
     from align_core.training import wrap_ddp
     from align_data import CollateConfig
@@ -47,6 +48,12 @@ def fit(
     collate = CollateConfig(
         pad_id=source.tokenizer.pad_id, pad_to_multiple_of=run.data.pad_to_multiple_of or 1
     )
+    plan = plan_steps(
+        run.trainer,
+        train_samples=len(train),
+        global_batch_size=run.data.global_batch_size,
+        val_batches=len(val) // run.data.global_batch_size,
+    )
     inner = TrainData(
         train,
         val,
@@ -58,14 +65,9 @@ def fit(
         data_parallel_size=ctx.data_parallel_size,
         seed=run.data.seed,
         shuffle=run.data.shuffle,
+        epoch_batches=plan.steps_per_epoch,
     )
     data: Any = inner if teacher is None else OnlineTeacherData(inner, teacher)
-    plan = plan_steps(
-        run.trainer,
-        train_samples=len(train),
-        global_batch_size=inner.global_batch_size,
-        val_batches=inner.num_val_batches,
-    )
     model = wrap_ddp(policy)
     optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
     checkpointer = Checkpointer(
@@ -141,32 +143,10 @@ def fit(
     for sink in sinks:
         sink.start(run_plan)
 
-    def result(reason: str, nemo_path: str | None) -> RunResult:
-        return RunResult(
-            run_dir=str(run_dir),
-            stop_reason=reason,  # type: ignore[arg-type]
-            steps=trainer.state.step,
-            consumed_samples=trainer.state.consumed_samples,
-            skipped_steps=trainer.state.skipped_steps,
-            last_train_metrics=dict(trainer.last_train_metrics),
-            last_val_metrics=dict(trainer.last_val_metrics),
-            checkpoint=trainer.last_checkpoint,
-            nemo_path=nemo_path,
-            reference_strategy="none",
-        )
-
-    try:
-        reason = trainer.fit()
-    except NonFiniteError:
-        for sink in sinks:
-            sink.finish(result("nonfinite", None))
-        raise
-    nemo_path = None
-    if run.export_nemo and reason == "completed":
-        nemo_path = str(
-            save_nemo(model, run_dir / "final.nemo", source.model, tokenizer=source.tokenizer_spec)
-        )
-    out = result(reason, nemo_path)
-    for sink in sinks:
-        sink.finish(out)
-    return out
+    return fit_and_finish(
+        trainer,
+        sinks,
+        run_dir=run_dir,
+        reference_strategy="none",
+        export=(lambda: export_final_nemo(model, run_dir, source)) if run.export_nemo else None,
+    )

@@ -36,7 +36,8 @@ from align_core.trainer.build import (
     resolve_model_source,
 )
 from align_core.trainer.data import TrainData
-from align_core.trainer.loop import NonFiniteError, ParallelGroups, StepPlan, Trainer
+from align_core.trainer.finish import export_final_nemo, fit_and_finish
+from align_core.trainer.loop import ParallelGroups, StepPlan, Trainer
 from align_core.trainer.metrics import MetricsSink
 from align_core.trainer.run import RunConfig, RunPlan, RunResult
 from align_core.trainer.signals import StopRequest, parse_max_time
@@ -129,7 +130,6 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     """See `align_core.trainer.train`."""
     from align_core.checkpoint import Checkpointer
     from align_core.logprobs import forward_token_logps
-    from align_core.nemo import save_nemo
     from align_core.optim import build_optimizer, learning_rate
     from align_core.parallel import init_distributed
     from align_core.training import wrap_ddp
@@ -257,39 +257,20 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     for sink in sinks:
         sink.start(run_plan)
 
-    def result(reason: str, nemo_path: str | None) -> RunResult:
-        return RunResult(
-            run_dir=str(run_dir),
-            stop_reason=reason,  # type: ignore[arg-type]
-            steps=trainer.state.step,
-            consumed_samples=trainer.state.consumed_samples,
-            skipped_steps=trainer.state.skipped_steps,
-            last_train_metrics=dict(trainer.last_train_metrics),
-            last_val_metrics=dict(trainer.last_val_metrics),
-            checkpoint=trainer.last_checkpoint,
-            nemo_path=nemo_path,
-            reference_strategy=strategy,
-        )
-
-    try:
-        reason = trainer.fit()
-    except NonFiniteError:
-        for sink in sinks:
-            sink.finish(result("nonfinite", None))
-        raise
-    nemo_path = None
-    if run.export_nemo and reason == "completed":
+    def export() -> str:
         if lora:
             from align_core.lora import merge_lora
 
             merge_lora(policy)
-        nemo_path = str(
-            save_nemo(model, run_dir / "final.nemo", source.model, tokenizer=source.tokenizer_spec)
-        )
-    out = result(reason, nemo_path)
-    for sink in sinks:
-        sink.finish(out)
-    return out
+        return export_final_nemo(model, run_dir, source)
+
+    return fit_and_finish(
+        trainer,
+        sinks,
+        run_dir=run_dir,
+        reference_strategy=strategy,
+        export=export if run.export_nemo else None,
+    )
 
 
 def _check_config(run: RunConfig) -> None:

@@ -30,6 +30,7 @@ from align_core.trainer.build import (
     on_main_then_all,
     resolve_model_source,
 )
+from align_core.trainer.finish import export_final_nemo
 from align_core.trainer.loop import NonFiniteError, ParallelGroups, Trainer, TrainerState
 from align_core.trainer.metrics import MetricsSink, Split
 from align_core.trainer.run import RunConfig, RunPlan, RunResult
@@ -243,7 +244,6 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     """See `align_core.trainer.spin.train_spin`."""
     from align_core.checkpoint import Checkpointer
     from align_core.logprobs import forward_token_logps
-    from align_core.nemo import save_nemo
     from align_core.optim import build_optimizer, learning_rate
     from align_core.parallel import init_distributed
     from align_core.trainer.data import TrainData
@@ -546,9 +546,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     nemo_path = None
     if run.export_nemo and reason == "completed":
-        nemo_path = str(
-            save_nemo(model, run_dir / "final.nemo", source.model, tokenizer=source.tokenizer_spec)
-        )
+        nemo_path = export_final_nemo(model, run_dir, source)
     out = result(reason, nemo_path)
     for sink in sinks:
         sink.finish(out)
