@@ -105,7 +105,8 @@ class TeacherPassConfig:
     Attributes:
         output_dir: The output directory (created; a rerun resumes it).
         top_k: Tokens kept per position (NeMo-Aligner's default 100).
-        dtype: Storage dtype of the logits (ids are int32, log-sum-exp float32).
+        dtype: Storage dtype of the logits (ids take 16 bits when the vocabulary has at most
+            65,536 entries, else 32, and read back as int32; log-sum-exp float32).
         micro_batch_size: Examples per forward micro-batch.
         micro_batches_per_call: Micro-batches per pipeline call (keeps pipeline stages busy;
             they are padded to one length).
