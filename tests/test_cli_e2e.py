@@ -37,33 +37,12 @@ SMALL = [
 ]
 
 
-def align(*args: str, cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
-    result = subprocess.run(
-        [sys.executable, "-m", "align_cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"align {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 def small(algo: str) -> list[str]:
     return [item.format(algo=algo) for item in SMALL]
 
 
-def metrics(run_dir: Path, split: str = "train") -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows if row["split"] == split}
-
-
 @pytest.fixture(scope="module")
-def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_nemo(tmp_path_factory: pytest.TempPathFactory, align) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.nemo"
     align("init-model", str(path), "--num-layers", "2", "--seed", "3", cwd=path.parent)
     return path
@@ -77,7 +56,7 @@ def restored(tiny_nemo: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_nemo: Path) -> Path:
+def one_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_nemo: Path, align) -> Path:
     """A 3-step single-process DPO run from a restored .nemo (shared by the tests below)."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
     result = align(
@@ -88,7 +67,9 @@ def one_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_nemo: Path) -
     return run_dir
 
 
-def test_single_process_run_directory(one_process_run: Path, tiny_nemo: Path) -> None:
+def test_single_process_run_directory(
+    one_process_run: Path, tiny_nemo: Path, align, metrics
+) -> None:
     run_dir = one_process_run
     train = metrics(run_dir)
     assert sorted(train) == [1, 2, 3]
@@ -114,7 +95,7 @@ def test_single_process_run_directory(one_process_run: Path, tiny_nemo: Path) ->
     assert moved  # three steps of training changed the weights
 
 
-def test_restored_run_writes_final_nemo(tmp_path: Path, tiny_nemo: Path) -> None:
+def test_restored_run_writes_final_nemo(tmp_path: Path, tiny_nemo: Path, align) -> None:
     from align_core.nemo import build_tokenizer, open_nemo
 
     run_dir = tmp_path / "run"
@@ -176,7 +157,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.timeout(1200)  # three runs
-def test_sigterm_then_resume_matches_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigterm_then_resume_matches_the_uninterrupted_run(tmp_path: Path, align, metrics) -> None:
     # A constant learning rate and many epochs: the run's length changes nothing in its steps,
     # so a long run stopped after step k and resumed for one more step can be compared with a
     # fresh run of k + 1 steps. KTO with the swap reference (no per-epoch precompute pass).
@@ -226,7 +207,7 @@ def test_sigterm_then_resume_matches_the_uninterrupted_run(tmp_path: Path) -> No
             ), (step, name)
 
 
-def test_malformed_data_fails_before_training(tmp_path: Path) -> None:
+def test_malformed_data_fails_before_training(tmp_path: Path, align, metrics) -> None:
     bad = tmp_path / "pairs.jsonl"
     good = {"prompt": "loud: cat\n", "chosen": "CAT!", "rejected": "cat."}
     rows = [json.dumps(good)] * 4 + ['{"prompt": "quiet: dog\\n", "chosen": "dog."}']
@@ -253,7 +234,12 @@ def test_malformed_data_fails_before_training(tmp_path: Path) -> None:
     ids=["tp2", "pp2", "dp2"],
 )
 def test_two_process_runs_match_one_process(
-    tmp_path: Path, tiny_nemo: Path, one_process_run: Path, layout: list[str]
+    tmp_path: Path,
+    tiny_nemo: Path,
+    one_process_run: Path,
+    layout: list[str],
+    align,
+    metrics,
 ) -> None:
     two = tmp_path / "two"
     result = align(
