@@ -106,15 +106,6 @@ def _greedy_compliance(policy) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread: these small models only lose time to OpenMP on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def sft_weights(dist_ctx, one_thread):
     """Weights of the tiny model after ``SFT_STEPS`` SFT steps on the chosen responses."""
     policy = T.fresh_model()

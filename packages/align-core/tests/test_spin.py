@@ -44,16 +44,9 @@ _spec = importlib.util.spec_from_file_location(
 T = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(T)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IGNORE = -100
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the shared CI cores are faster without thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pairs(n: int, seed: int = 0) -> list[PreferenceExample]:

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from align_core import ModelConfig
 from align_core.algorithms.spin import SPINConfig
@@ -38,14 +37,6 @@ from align_data import ByteTokenizer, score_response
 
 MODEL = ModelConfig(vocab_size=ByteTokenizer().vocab_size, seq_length=64)
 STEPS_PER_ITERATION = 16  # 512 prompts / 32 pairs per step, one epoch
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,10 @@ from align_core.trainer import DataConfig, InMemorySink, SyntheticConfig
 from align_core.trainer.spin import SPINRunConfig, SPINTrainerConfig, train_spin
 from align_data import ByteTokenizer
 
-pytestmark = pytest.mark.slow  # each run takes 10-40 s on two shared cores
+pytestmark = [
+    pytest.mark.slow,  # each run takes 10-40 s on two shared cores
+    pytest.mark.usefixtures("one_thread"),
+]
 
 MODEL = ModelConfig(vocab_size=ByteTokenizer().vocab_size, seq_length=64)
 STEPS = 8  # 16 prompts / 8 per step = 2 steps per epoch, 2 epochs, 2 iterations
@@ -84,14 +87,6 @@ class SigtermAfter:
 
     def finish(self, result) -> None:
         pass
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
