@@ -324,17 +324,9 @@ def core_view(algorithm: str, run: Any) -> Any:
     """
     if algorithm not in ("spin", "kd"):
         return run
-    from align_core.trainer import RunConfig
+    from align_core.trainer import sft_view
 
-    return RunConfig(
-        algorithm="sft",
-        run_dir=run.run_dir,
-        model=run.model,
-        parallel=run.parallel,
-        data=run.data,
-        restore_from_path=run.restore_from_path,
-        seed=run.seed,
-    )
+    return sft_view(run)
 
 
 def _resolved_reference(algorithm: str, run: Any) -> str:

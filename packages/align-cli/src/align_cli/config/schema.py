@@ -60,6 +60,7 @@ __all__ = [
     "section_of",
     "spec_of",
     "to_run_config",
+    "training_fields",
     "tree_class",
     "typed_tree",
 ]
@@ -526,30 +527,38 @@ def to_run_config(
         from align_cli.config.trees import RUN_CONFIGS
 
         return RUN_CONFIGS[algorithm](tree, run_dir, base_model)
-    model = model_for(tree, base_model)
+    common = training_fields(tree, base_model)
     train_files, validation_files = normalize_data_prefix(tree.model.data.data_prefix)
-    data = data_config(tree, train_files, validation_files)
-    parallel = extract(ParallelConfig, tree.model, "model")
-    optim = extract(OptimizerConfig, tree.model.optim, "model.optim")
-    sched = scheduler(tree.model.optim.sched)
     kwargs: dict[str, Any] = {algorithm: getattr(tree.model, algorithm)}
     return RunConfig(
         algorithm=algorithm,
         run_dir=run_dir,
-        model=model,
-        parallel=parallel,
         trainer=getattr(tree.trainer, algorithm),
         reference=tree.model.reference,
-        data=data,
-        optim=optim,
-        sched=sched,
+        data=data_config(tree, train_files, validation_files),
         peft=_lora(tree.model.peft),
-        restore_from_path=tree.pretrained_checkpoint.restore_from_path,
-        resume=tree.exp_manager.resume_if_exists,
-        export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
-        seed=tree.model.seed,
+        **common,
         **kwargs,
     )
+
+
+def training_fields(tree: Any, base_model: ModelConfig | None) -> dict[str, Any]:
+    """The fields every training run configuration takes from the same keys of the tree.
+
+    ``model``, ``parallel``, ``optim``, ``sched``, ``restore_from_path``, ``resume``,
+    ``export_nemo`` and ``seed``: shared by align-core's `RunConfig` and `SPINRunConfig` and
+    align-kd's `KDRunConfig`.
+    """
+    return {
+        "model": model_for(tree, base_model),
+        "parallel": extract(ParallelConfig, tree.model, "model"),
+        "optim": extract(OptimizerConfig, tree.model.optim, "model.optim"),
+        "sched": scheduler(tree.model.optim.sched),
+        "restore_from_path": tree.pretrained_checkpoint.restore_from_path,
+        "resume": tree.exp_manager.resume_if_exists,
+        "export_nemo": tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
+        "seed": tree.model.seed,
+    }
 
 
 def scheduler(section: Any) -> SchedulerConfig:

@@ -39,13 +39,12 @@ from align_cli.config.schema import (
     model_fields,
     model_for,
     normalize_data_prefix,
-    scheduler,
     spec_of,
+    training_fields,
 )
 from align_cli.config.structured import FieldSpec, extract, flat_fields, typed_section
 from align_core.algorithms.spin import SPINConfig
 from align_core.config import ModelConfig, ParallelConfig
-from align_core.optim import OptimizerConfig
 from align_core.trainer import DataConfig, ReferenceConfig, TrainerConfig
 from align_core.trainer.spin import GenerateConfig, SPINRunConfig, SPINTrainerConfig
 from align_kd.config import KnowledgeDistillationConfig, TeacherPassConfig
@@ -147,18 +146,11 @@ def _spin_config(tree: Any, run_dir: str, base_model: ModelConfig | None) -> SPI
     val = file_list(data.validation_ds.file_path, "model.data.validation_ds.file_path")
     return SPINRunConfig(
         run_dir=run_dir,
-        model=model_for(tree, base_model),
-        parallel=extract(ParallelConfig, tree.model, "model"),
         trainer=tree.trainer.spin,
         reference=tree.model.reference,
         data=data_config(tree, train, val, seq_length=data.train_ds.max_seq_length),
         spin=tree.model.spin,
-        optim=extract(OptimizerConfig, tree.model.optim, "model.optim"),
-        sched=scheduler(tree.model.optim.sched),
-        restore_from_path=tree.pretrained_checkpoint.restore_from_path,
-        resume=tree.exp_manager.resume_if_exists,
-        export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
-        seed=tree.model.seed,
+        **training_fields(tree, base_model),
     )
 
 
@@ -230,16 +222,9 @@ def _kd_config(tree: Any, run_dir: str, base_model: ModelConfig | None) -> KDRun
         run_dir=run_dir,
         teacher=teacher,
         knowledge_distillation=kd,
-        model=model_for(tree, base_model),
-        parallel=extract(ParallelConfig, tree.model, "model"),
         trainer=tree.trainer.knowledge_distillation,
         data=data_config(tree, train, val),
-        optim=extract(OptimizerConfig, tree.model.optim, "model.optim"),
-        sched=scheduler(tree.model.optim.sched),
-        restore_from_path=tree.pretrained_checkpoint.restore_from_path,
-        resume=tree.exp_manager.resume_if_exists,
-        export_nemo=tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
-        seed=tree.model.seed,
+        **training_fields(tree, base_model),
     )
 
 

@@ -24,6 +24,7 @@ from align_core.trainer.run import (
     RunResult,
     StopReason,
     SyntheticConfig,
+    sft_view,
     train,
 )
 from align_core.trainer.signals import StopRequest, parse_max_time
@@ -52,5 +53,6 @@ __all__ = [
     "parse_max_time",
     "peak_memory_bytes",
     "plan_steps",
+    "sft_view",
     "train",
 ]

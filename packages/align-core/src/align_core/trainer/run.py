@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from align_core.algorithms.dpo import DPOConfig
 from align_core.algorithms.kto import KTOConfig
@@ -27,6 +27,7 @@ __all__ = [
     "RunResult",
     "StopReason",
     "SyntheticConfig",
+    "sft_view",
     "train",
 ]
 
@@ -226,6 +227,29 @@ class RunResult:
     checkpoint: str | None
     nemo_path: str | None
     reference_strategy: str
+
+
+def sft_view(run: Any) -> RunConfig:
+    """A SPIN or distillation run as an SFT `RunConfig`, for the shared builders.
+
+    Both read SFT data and resolve their model as an SFT run would, so the model source, the
+    tokenizer and the datasets come from this view.
+
+    Args:
+        run: A config with ``run_dir``, ``model``, ``parallel``, ``data``, ``restore_from_path``,
+            ``resume``, ``export_nemo`` and ``seed`` (`SPINRunConfig`, align-kd's `KDRunConfig`).
+    """
+    return RunConfig(
+        algorithm="sft",
+        run_dir=run.run_dir,
+        model=run.model,
+        parallel=run.parallel,
+        data=run.data,
+        restore_from_path=run.restore_from_path,
+        resume=run.resume,
+        export_nemo=run.export_nemo,
+        seed=run.seed,
+    )
 
 
 def train(run: RunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:

@@ -33,7 +33,7 @@ from align_core.trainer.build import (
 from align_core.trainer.finish import export_final_nemo
 from align_core.trainer.loop import NonFiniteError, ParallelGroups, Trainer, TrainerState
 from align_core.trainer.metrics import MetricsSink, Split
-from align_core.trainer.run import RunConfig, RunPlan, RunResult
+from align_core.trainer.run import RunPlan, RunResult, sft_view
 from align_core.trainer.signals import StopRequest, parse_max_time
 from align_core.trainer.spin import (
     IterationPlan,
@@ -60,21 +60,6 @@ from align_core.trainer.spin_rollout import (
 from align_data.tokenize import PreferenceExample
 
 __all__ = ["run_spin"]
-
-
-def sft_view(run: SPINRunConfig) -> RunConfig:
-    """The run as an SFT `RunConfig`, for the shared builders (model source, SFT data)."""
-    return RunConfig(
-        algorithm="sft",
-        run_dir=run.run_dir,
-        model=run.model,
-        parallel=run.parallel,
-        data=run.data,
-        restore_from_path=run.restore_from_path,
-        resume=run.resume,
-        export_nemo=run.export_nemo,
-        seed=run.seed,
-    )
 
 
 class _IterationSinks:
