@@ -149,3 +149,15 @@ def test_killed_mid_save_leaves_the_previous_checkpoint_resumable(dist_ctx, tmp_
     assert _step(model, optimizer, 2) == pytest.approx(losses[1], rel=1e-6, abs=1e-6)
     ckpt.save(2, model, optimizer)  # the next save clears the debris
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_000001", "step_000002"]
+
+
+def test_check_resume_names_the_first_differing_key():
+    from align_core.checkpoint import check_resume
+
+    saved = {"data": "abc", "global_batch_size": 8}
+    check_resume(saved, {"data": "abc", "global_batch_size": 8, "new_key": 1}, "ckpt/step_2")
+    with pytest.raises(ValueError) as err:
+        check_resume(saved, {"data": "abc", "global_batch_size": 16}, "ckpt/step_2", needs="why")
+    assert str(err.value) == (
+        "cannot resume from ckpt/step_2: its global_batch_size is 8, this run has 16 (why)"
+    )

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from align_core.model import unwrap_model
 from align_core.rng import capture_rng_state, restore_rng_state
 
-__all__ = ["Checkpointer", "LoadedCheckpoint"]
+__all__ = ["Checkpointer", "LoadedCheckpoint", "check_resume"]
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -55,6 +55,29 @@ _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 _before_publish: Callable[[Path], None] | None = None
 
 ExtraModel = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+def check_resume(
+    saved: Mapping[str, Any], now: Mapping[str, Any], path: str | Path, *, needs: str | None = None
+) -> None:
+    """Refuse to resume from a checkpoint whose recorded run state differs from this run's.
+
+    Args:
+        saved: What the checkpoint recorded (e.g. its ``extra_state["data"]``).
+        now: This run's values of the same keys; keys the checkpoint lacks are not compared.
+        path: The checkpoint, named in the error.
+        needs: What resuming needs, appended to the error in parentheses.
+
+    Raises:
+        ValueError: Naming the first key whose value differs, with both values.
+    """
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            hint = f" ({needs})" if needs else ""
+            raise ValueError(
+                f"cannot resume from {path}: its {key} is {saved[key]!r}, this run has "
+                f"{value!r}{hint}"
+            )
 
 
 @dataclass(frozen=True)

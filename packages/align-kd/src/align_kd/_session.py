@@ -31,7 +31,7 @@ def fit(
     sinks: Sequence[MetricsSink],
 ) -> RunResult:
     """Train ``policy`` with ``step`` over ``train``/``val`` (see `align_kd.train.train_kd`)."""
-    from align_core.checkpoint import Checkpointer
+    from align_core.checkpoint import Checkpointer, check_resume
     from align_core.optim import build_optimizer, learning_rate
     from align_core.trainer.data import TrainData
     from align_core.trainer.finish import export_final_nemo, fit_and_finish
@@ -110,13 +110,7 @@ def fit(
     if run.resume:
         loaded = checkpointer.load(model, optimizer)
         if loaded is not None:
-            saved = loaded.extra_state.get("data", {})
-            for key, value in data_state.items():
-                if key in saved and saved[key] != value:
-                    raise ValueError(
-                        f"cannot resume from {loaded.path}: its {key} is {saved[key]!r}, this "
-                        f"run has {value!r}"
-                    )
+            check_resume(loaded.extra_state.get("data", {}), data_state, loaded.path)
             trainer.load_state_dict(loaded.trainer_state)
             trainer.last_checkpoint = resumed = str(loaded.path)
 

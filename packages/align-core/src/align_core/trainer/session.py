@@ -128,7 +128,7 @@ def _build_reference(
 
 def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     """See `align_core.trainer.train`."""
-    from align_core.checkpoint import Checkpointer
+    from align_core.checkpoint import Checkpointer, check_resume
     from align_core.logprobs import forward_token_logps
     from align_core.optim import build_optimizer, learning_rate
     from align_core.parallel import init_distributed
@@ -229,7 +229,12 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     if run.resume:
         loaded = checkpointer.load(model, optimizer)
         if loaded is not None:
-            _check_resume(loaded.extra_state.get("data", {}), data_state, loaded.path)
+            check_resume(
+                loaded.extra_state.get("data", {}),
+                data_state,
+                loaded.path,
+                needs="resume needs the same data and global batch size",
+            )
             trainer.load_state_dict(loaded.trainer_state)
             resumed = str(loaded.path)
             trainer.mark_saved(resumed)
@@ -308,12 +313,3 @@ def _plan(run: RunConfig, train_samples: int, val_samples: int) -> StepPlan:
         global_batch_size=gbs,
         val_batches=val_samples // gbs,
     )
-
-
-def _check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    for key, value in now.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(
-                f"cannot resume from {path}: its {key} is {saved[key]!r}, this run has "
-                f"{value!r} (resume needs the same data and global batch size)"
-            )

@@ -104,15 +104,6 @@ def _stop_flags(stop: StopRequest, device: torch.device) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def _check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
-    for key, value in now.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(
-                f"cannot resume from {path}: its {key} is {saved[key]!r}, this run has "
-                f"{value!r} (resuming needs the same data, batch size and iteration layout)"
-            )
-
-
 def _locate(plans: Sequence[IterationPlan], step: int) -> tuple[int, int]:
     """``(position in plans, local step)`` of global ``step``; ``(len(plans), 0)`` when done."""
     for i, p in enumerate(plans):
@@ -227,7 +218,7 @@ def _pairs(rows: Sequence[GenerationRow]) -> list[PreferenceExample]:
 
 def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     """See `align_core.trainer.spin.train_spin`."""
-    from align_core.checkpoint import Checkpointer
+    from align_core.checkpoint import Checkpointer, check_resume
     from align_core.logprobs import forward_token_logps
     from align_core.optim import build_optimizer, learning_rate
     from align_core.parallel import init_distributed
@@ -297,7 +288,12 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         extra = {"opponent": opponent.checkpoint_state()} if local_step > 0 else None
         loaded = checkpointer.load(model, optimizer, extra_models=extra)
         assert loaded is not None
-        _check_resume(loaded.extra_state.get("data", {}), data_state, loaded.path)
+        check_resume(
+            loaded.extra_state.get("data", {}),
+            data_state,
+            loaded.path,
+            needs="resuming needs the same data, batch size and iteration layout",
+        )
         skipped = int(loaded.trainer_state.get("skipped_steps", 0))
         resumed = str(loaded.path)
     saved: dict[str, Any] = {"path": resumed, "step": latest}
