@@ -39,6 +39,20 @@ app.add_typer(kd_app, name="kd")
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+# Exceptions of the libraries that describe a user's input (one line, exit 2), by class name so
+# that reporting them needs no import of the library that raised them.
+_USER_ERRORS = frozenset(
+    {
+        "DataError",
+        "HFFormatError",
+        "NemoFormatError",
+        "UnsafeCheckpointError",
+        "UnsupportedNemoConfigError",
+        "ValueError",
+    }
+)
+
+
 def _print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
@@ -73,7 +87,7 @@ def report_errors(fn: Callable[[], int], *, rank: int = 0) -> int:
             if rank == 0:
                 _print_error(str(exc))
             return 1
-        if kind in ("DataError", "NemoFormatError", "UnsupportedNemoConfigError", "ValueError"):
+        if kind in _USER_ERRORS:
             if rank == 0:
                 _print_error(str(exc))
             return 2

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from align_core.model import unwrap_model
 from align_core.rng import capture_rng_state, restore_rng_state
+from align_core.safe_load import verify_distributed_checkpoint
 
 __all__ = ["Checkpointer", "LoadedCheckpoint", "check_resume"]
 
@@ -373,7 +374,10 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: When ``step`` is given and has no complete checkpoint.
-            ValueError: When the optimizer state cannot be loaded into this optimizer or layout.
+            ValueError: When the optimizer state cannot be loaded into this optimizer or layout,
+                or a file of the checkpoint is damaged.
+            UnsafeCheckpointError: When a file of the checkpoint holds a pickle that would run
+                code (`align_core.safe_load`); nothing from it has run.
         """
         from megatron.core import dist_checkpointing
 
@@ -384,6 +388,7 @@ class Checkpointer:
         path = self.path(step)
         if not path.is_dir():
             raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
+        verify_distributed_checkpoint(path)  # runs no pickle from the directory
         common = dist_checkpointing.load_common_state_dict(str(path))["common"]
         extra_models = dict(extra_models or {})
         missing = set(extra_models) - set(common["extra_models"])

@@ -18,7 +18,6 @@ NeMo's ``MegatronGPTModel`` keeps the megatron model as ``self.model``, so its k
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,12 @@ from typing import Literal
 import torch
 
 from align_core.nemo.errors import NemoFormatError
+from align_core.safe_load import (
+    UnsafeCheckpointError,
+    load_weights_only,
+    read_dcp_metadata,
+    verify_distributed_checkpoint,
+)
 from align_core.nemo.shards import (
     is_extra_state,
     layer_index,
@@ -134,17 +139,19 @@ def detect_weights(root: Path, *, origin: str = "<nemo>") -> WeightsLayout:
 def read_checkpoint_file(path: Path, *, origin: str = "<nemo>") -> dict[str, object]:
     """``torch.load(weights_only=True, mmap=True)`` a state-dict file.
 
-    ``io.BytesIO`` is allowed as well, because Transformer Engine stores its ``_extra_state``
-    that way.
+    ``io.BytesIO`` and ``bytes`` are allowed as well, because Transformer Engine stores its
+    ``_extra_state`` that way (`align_core.safe_load.SAFE_GLOBALS`).
 
     Raises:
+        UnsafeCheckpointError: When the file's pickle names a class that is not allowed.
         NemoFormatError: When the file is corrupt or does not hold a dict.
     """
     try:
-        with torch.serialization.safe_globals([io.BytesIO]):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / ...
-        raise NemoFormatError(f"{origin}: cannot read {path.name} ({exc})") from exc
+        state = load_weights_only(path, origin=f"{origin}: {path.name}", mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except ValueError as exc:
+        raise NemoFormatError(str(exc)) from exc
     if not isinstance(state, dict):
         raise NemoFormatError(f"{origin}: {path.name} holds a {type(state).__name__}, not a dict")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -325,19 +332,21 @@ def shard_for_model(
 def stored_tensors(directory: Path, *, origin: str = "<nemo>") -> dict[str, tuple[int, ...]]:
     """Keys and global shapes in a ``torch_dist`` checkpoint (objects get an empty shape).
 
-    Reads the checkpoint's ``.metadata`` with ``torch.distributed.checkpoint`` directly
-    (megatron-core 0.16.1's ``load_tensors_metadata`` fails with torch >= 2.10 metadata).
-    Sharded objects are stored as ``<key>/shard_...``; they are listed under ``<key>``.
+    Reads the checkpoint's ``.metadata`` with the restricted unpickler of
+    `align_core.safe_load.read_dcp_metadata` (megatron-core 0.16.1's ``load_tensors_metadata``
+    fails with torch >= 2.10 metadata, and torch's own reader runs any pickle). Sharded objects
+    are stored as ``<key>/shard_...``; they are listed under ``<key>``.
 
     Raises:
+        UnsafeCheckpointError: When the metadata names a class that is not allowed.
         NemoFormatError: When the metadata cannot be read.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-    except Exception as exc:
-        raise NemoFormatError(f"{origin}: cannot read {DIST_DIR}/.metadata ({exc})") from exc
+        metadata = read_dcp_metadata(directory, origin=f"{origin}: {DIST_DIR}/.metadata")
+    except UnsafeCheckpointError:
+        raise
+    except ValueError as exc:
+        raise NemoFormatError(str(exc)) from exc
     out: dict[str, tuple[int, ...]] = {}
     for key, entry in metadata.state_dict_metadata.items():
         size = getattr(entry, "size", None)
@@ -352,13 +361,24 @@ def load_distributed_into(
 
     The checkpoint's key prefix (``model.`` for NeMo, none for plain megatron) is detected from
     its metadata. Entries the checkpoint lacks are not requested (and reported as missing unless
-    they are ``_extra_state``). Collective: every rank calls it.
+    they are ``_extra_state``). Collective: every rank calls it. Every pickle in the checkpoint
+    is checked first (`align_core.safe_load.verify_distributed_checkpoint`).
 
     Returns:
         ``(missing, unexpected)`` model keys (``_extra_state`` excluded).
+
+    Raises:
+        UnsafeCheckpointError: When a file of the checkpoint holds a pickle that is not allowed.
+        NemoFormatError: When the checkpoint cannot be read or loaded.
     """
     from megatron.core import dist_checkpointing
 
+    try:
+        verify_distributed_checkpoint(directory, origin=f"{origin}: {DIST_DIR}")
+    except UnsafeCheckpointError:
+        raise
+    except ValueError as exc:
+        raise NemoFormatError(str(exc)) from exc
     stored = stored_tensors(directory, origin=origin)
     prefix = NEMO_PREFIX if any(k.startswith(NEMO_PREFIX) for k in stored) else ""
     sharded = model.sharded_state_dict(prefix=prefix)
