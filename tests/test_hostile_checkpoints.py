@@ -16,7 +16,6 @@ import json
 import pickle
 import shutil
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -184,21 +183,17 @@ def _assert_refused(result, marker: Path, file_part: str) -> None:
     assert file_part in lines[0], lines[0]
 
 
-NEMO_COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
-    "inspect": lambda nemo, _: ["ckpt", "inspect", str(nemo)],
-    "restore": lambda nemo, _: [
-        "run", "dpo", "--restore", str(nemo), "trainer.dpo.max_steps=1",
-        "model.data.synthetic.num_train=16", "model.global_batch_size=8",
-    ],  # fmt: skip
-    "generate": lambda nemo, root: [
-        "generate", "--restore", str(nemo), str(root / "prompts.jsonl"),
-        "--out", str(root / "answers.jsonl"),
-    ],  # fmt: skip
-    "kd-teacher": lambda nemo, root: [
-        "kd", "teacher", "--restore", str(nemo), "top_k=4", f"output={root / 'topk'}",
-        f"model.data.data_prefix={{train: [{root / 'sft.jsonl'}]}}",
-    ],  # fmt: skip
-}
+def nemo_command(command: str, nemo: Path, root: Path) -> list[str]:
+    """The arguments of ``align`` that read ``nemo`` for one of the commands."""
+    data = f"model.data.data_prefix={{train: [{root / 'sft.jsonl'}]}}"
+    return {
+        "inspect": ["ckpt", "inspect", str(nemo)],
+        "restore": ["run", "dpo", "--restore", str(nemo), "trainer.dpo.max_steps=1"],
+        "generate": ["generate", "--restore", str(nemo), str(root / "prompts.jsonl")],
+        "kd-teacher": ["kd", "teacher", "--restore", str(nemo), "top_k=4", data],
+    }[command]
+
+
 # Which poison each command meets: every command, and every poison, at least once. ``inspect``
 # reads only the metadata; the others load the weights.
 NEMO_CASES = [("inspect", "nested"), ("restore", "bytes"), ("generate", "metadata")]
@@ -212,7 +207,7 @@ def test_commands_refuse_a_poisoned_nemo(tmp_path: Path, align, command: str, po
     nemo = write_nemo(tmp_path / "evil.nemo", marker, poison)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n')
     (tmp_path / "sft.jsonl").write_text('{"prompt": "Hi", "completion": "Hello."}\n' * 8)
-    result = align(*NEMO_COMMANDS[command](nemo, tmp_path), cwd=tmp_path, check=False)
+    result = align(*nemo_command(command, nemo, tmp_path), cwd=tmp_path, check=False)
     _assert_refused(result, marker, "evil.nemo")
 
 
@@ -232,9 +227,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, align) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("command", "poison"), [("resume", "metadata"), ("export", "bytes")]
-)
+@pytest.mark.parametrize(("command", "poison"), [("resume", "metadata"), ("export", "bytes")])
 def test_commands_refuse_a_poisoned_run_checkpoint(
     tmp_path: Path, align, finished_run: Path, command: str, poison: str
 ) -> None:

@@ -27,12 +27,6 @@ from typing import Literal
 import torch
 
 from align_core.nemo.errors import NemoFormatError
-from align_core.safe_load import (
-    UnsafeCheckpointError,
-    load_weights_only,
-    read_dcp_metadata,
-    verify_distributed_checkpoint,
-)
 from align_core.nemo.shards import (
     is_extra_state,
     layer_index,
@@ -40,6 +34,12 @@ from align_core.nemo.shards import (
     merge_tensor_parallel,
     partition_of,
     split_tensor,
+)
+from align_core.safe_load import (
+    UnsafeCheckpointError,
+    load_weights_only,
+    read_dcp_metadata,
+    verify_distributed_checkpoint,
 )
 
 __all__ = [
