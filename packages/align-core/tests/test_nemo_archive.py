@@ -191,6 +191,11 @@ def test_tokenizer_artifacts_resolve(tmp_path):
     assert spec.model == root / "abc_tok.model"
     with pytest.raises(NemoFormatError, match=r"tokenizer\.model refers to artifact 'nemo:gone'"):
         tokenizer_from_nemo({"library": "sentencepiece", "model": "nemo:gone"}, root)
+    # a file of this machine outside the archive is never read (it would be copied on export)
+    host_file = tmp_path / "secret.model"
+    host_file.write_bytes(b"secret")
+    with pytest.raises(NemoFormatError, match=r"tokenizer\.model refers to '.*secret\.model', wh"):
+        tokenizer_from_nemo({"library": "sentencepiece", "model": str(host_file)}, root)
 
 
 def _artifacts(path: Path) -> dict[str, bytes]:

@@ -101,14 +101,17 @@ def _resolve(key: str, value: str, root: Path, members: list[str], origin: str) 
                 f"which is not in the archive"
             )
         return candidate
+    # Older files keep the original path in the config; look for the copied artifact. A path
+    # is never read outside the archive: a hostile config could name any file on the machine,
+    # which a final export would then copy into its archive.
     given = Path(value)
-    if given.is_file():
-        return given
-    # Older files keep the original path in the config; look for the copied artifact.
     matches = [m for m in members if m == given.name or m.endswith("_" + given.name)]
     if len(matches) == 1:
         return root / matches[0]
-    return given
+    raise NemoFormatError(
+        f"{origin}: tokenizer.{key} refers to {value!r}, which is not in the archive"
+        + (f" ({len(matches)} members match its name)" if matches else "")
+    )
 
 
 def tokenizer_from_nemo(
@@ -125,8 +128,9 @@ def tokenizer_from_nemo(
         The spec, or None when the config has no tokenizer section.
 
     Raises:
-        NemoFormatError: When a ``nemo:`` reference names a file the archive does not hold, or
-            the section has no ``library``.
+        NemoFormatError: When an artifact names a file the archive does not hold (``nemo:``
+            references and plain paths alike: nothing outside the archive is read), or the
+            section has no ``library``.
     """
     if section is None:
         return None
