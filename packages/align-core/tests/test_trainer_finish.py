@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from align_core.trainer import InMemorySink, NonFiniteError, TrainerState
-from align_core.trainer.finish import fit_and_finish
+from align_core.trainer.finish import FinalExports, fit_and_finish
 
 
 @dataclass
@@ -31,7 +31,7 @@ def test_a_completed_run_is_exported_once_and_reported():
         [sink],
         run_dir="run",
         reference_strategy="swap",
-        export=lambda: exports.append(1) or "run/final.nemo",
+        export=lambda: exports.append(1) or FinalExports(nemo="run/final.nemo"),
     )
     assert exports == [1]
     assert sink.result == out

@@ -479,7 +479,12 @@ def data_stats(
 
 @ckpt_app.command("inspect")
 def ckpt_inspect(
-    path: Annotated[str, typer.Argument(help="A .nemo, a run directory or a step_* checkpoint.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A .nemo, a Hugging Face directory, a run directory or a step_* checkpoint."
+        ),
+    ],
 ) -> None:
     """Describe a checkpoint: architecture, parameters, weights layout, tokenizer."""
     from align_cli.commands.ckpt import inspect
@@ -489,18 +494,32 @@ def ckpt_inspect(
 
 @ckpt_app.command("export")
 def ckpt_export(
-    run_dir: Annotated[str, typer.Argument(help="Run directory written by `align run`.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (newest step, or --step), a step_* checkpoint, a .nemo or a "
+            "Hugging Face directory."
+        ),
+    ],
     out: Annotated[
-        str | None, typer.Option("--out", help="Destination .nemo (default RUN_DIR/step_N.nemo).")
+        str | None,
+        typer.Option(
+            "--out",
+            help="Destination (.nemo file, or directory for hf; default RUN_DIR/step_N.nemo "
+            "or RUN_DIR/step_N_hf for a run).",
+        ),
     ] = None,
     step: Annotated[
         int | None, typer.Option("--step", help="Checkpoint step (default: the newest).")
     ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="nemo (NeMo 1.x archive) or hf (Hugging Face).")
+    ] = "nemo",
 ) -> None:
-    """Export a training checkpoint of a run to .nemo (LoRA merged), in one process."""
+    """Export a checkpoint to .nemo or a Hugging Face directory (LoRA merged), in one process."""
     from align_cli.commands.export import export
 
-    _exit(report_errors(lambda: export(run_dir, out, step, _console())))  # type: ignore[arg-type]
+    _exit(report_errors(lambda: export(src, out, step, fmt, _console())))  # type: ignore[arg-type]
 
 
 @app.command("init-model")

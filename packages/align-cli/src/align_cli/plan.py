@@ -533,7 +533,7 @@ def _teacher_line(run: Any, student_vocab: int) -> str:
     key = "model.knowledge_distillation.teacher"
     try:
         if teacher.online:
-            if not Path(teacher.restore_from_path).is_file():
+            if not Path(teacher.restore_from_path).exists():
                 raise UsageError(
                     f"{key}.restore_from_path: {teacher.restore_from_path}: no such file"
                 )

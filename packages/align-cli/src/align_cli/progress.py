@@ -229,8 +229,9 @@ class ProgressSink:
             lines.append(f"skipped steps (non-finite): {result.skipped_steps}")
         if result.checkpoint:
             lines.append(f"checkpoint: {result.checkpoint}")
-        if result.nemo_path:
-            lines.append(f"model: {result.nemo_path}")
+        for path in (result.nemo_path, result.hf_path):
+            if path:
+                lines.append(f"model: {path}")
         lines.append(f"run directory: {result.run_dir}")
         for line in lines:
             self.console.print(line, highlight=False)

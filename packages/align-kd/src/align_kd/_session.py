@@ -34,7 +34,7 @@ def fit(
     from align_core.checkpoint import Checkpointer, check_resume
     from align_core.optim import build_optimizer, learning_rate
     from align_core.trainer.data import TrainData
-    from align_core.trainer.finish import export_final_nemo, fit_and_finish
+    from align_core.trainer.finish import export_final, final_formats, fit_and_finish
     from align_core.trainer.loop import ParallelGroups, Trainer, plan_steps
     from align_core.trainer.signals import StopRequest, parse_max_time
     from align_core.training import wrap_ddp
@@ -137,10 +137,13 @@ def fit(
     for sink in sinks:
         sink.start(run_plan)
 
+    nemo, hf = final_formats(run.export_nemo, run.export_hf, source)
     return fit_and_finish(
         trainer,
         sinks,
         run_dir=run_dir,
         reference_strategy="none",
-        export=(lambda: export_final_nemo(model, run_dir, source)) if run.export_nemo else None,
+        export=(
+            (lambda: export_final(model, run_dir, source, nemo=nemo, hf=hf)) if nemo or hf else None
+        ),
     )

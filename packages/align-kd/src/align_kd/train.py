@@ -97,7 +97,10 @@ class KDRunConfig:
         restore_from_path: Student ``.nemo`` (weights and tokenizer); None trains a fresh
             ``model`` with the byte tokenizer.
         resume: Continue from the newest checkpoint in ``run_dir``.
-        export_nemo: Write ``run_dir/final.nemo`` when the run completes.
+        export_nemo: Write ``run_dir/final.nemo`` when the run completes; None: unless the
+            student was restored from a Hugging Face directory.
+        export_hf: Write ``run_dir/final_hf/`` when the run completes; None: when the student
+            was restored from a Hugging Face directory.
         seed: Seed of initialisation and everything not seeded elsewhere.
     """
 
@@ -114,7 +117,8 @@ class KDRunConfig:
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     restore_from_path: str | None = None
     resume: bool = True
-    export_nemo: bool = True
+    export_nemo: bool | None = None
+    export_hf: bool | None = None
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -152,7 +156,9 @@ class KDTeacherRunConfig:
 
 def _base_run(run_dir: str, **kwargs: Any) -> RunConfig:
     """An align-core SFT run description: KD data is SFT data (prompt + completion)."""
-    return RunConfig(algorithm="sft", run_dir=run_dir, resume=False, export_nemo=False, **kwargs)
+    return RunConfig(
+        algorithm="sft", run_dir=run_dir, resume=False, export_nemo=False, export_hf=False, **kwargs
+    )
 
 
 def run_teacher(config: KDTeacherRunConfig) -> dict[str, TeacherPassResult]:
@@ -166,8 +172,8 @@ def run_teacher(config: KDTeacherRunConfig) -> dict[str, TeacherPassResult]:
     Raises:
         ValueError: When the output directory holds a pass over other data or settings.
     """
-    from align_core.nemo import open_nemo
     from align_core.parallel import init_distributed
+    from align_core.pretrained import open_pretrained
     from align_core.trainer.build import (
         build_policy,
         load_datasets,
@@ -191,7 +197,7 @@ def run_teacher(config: KDTeacherRunConfig) -> dict[str, TeacherPassResult]:
     if config.tokenizer_from is not None:
         from align_core.trainer.build import tokenizer_from_spec
 
-        with open_nemo(config.tokenizer_from) as ckpt:
+        with open_pretrained(config.tokenizer_from) as ckpt:
             tokenizer = tokenizer_from_spec(ckpt.tokenizer)
     seq_length = config.data.seq_length or source.model.seq_length
     datasets = load_datasets(base, tokenizer, seq_length)

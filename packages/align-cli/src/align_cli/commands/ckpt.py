@@ -1,7 +1,8 @@
 """``align ckpt inspect`` and ``align init-model``: look into checkpoints, make tiny ones.
 
-``inspect`` reads a ``.nemo`` (file or extracted directory) through align-core's reader, or a
-run directory / training checkpoint written by ``align run``; it never builds a model.
+``inspect`` reads a ``.nemo`` (file or extracted directory) or a Hugging Face directory through
+align-core's readers, or a run directory / training checkpoint written by ``align run``; it
+never builds a model.
 ``init-model`` writes a small random-initialised ``.nemo`` with its tokenizer through
 align-core's tiny writer.
 """
@@ -36,23 +37,34 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:,.1f} MiB"
 
 
-def _inspect_nemo(path: Path, console: Console) -> int:
-    from align_core.nemo import open_nemo
+def _weights_line(ckpt: Any) -> str:
+    """Where a pretrained checkpoint keeps its weights."""
+    weights = getattr(ckpt, "weights", None)
+    if weights is not None:  # a .nemo
+        return (
+            f"{weights.kind} (saved with TP={weights.tensor_parallel}, "
+            f"PP={weights.pipeline_parallel})"
+        )
+    files = sorted({Path(f).name for f in ckpt.weight_files})
+    return f"safetensors, {str(ckpt.torch_dtype).removeprefix('torch.')} ({', '.join(files)})"
 
-    with open_nemo(path) as ckpt:
+
+def _inspect_pretrained(path: Path, console: Console) -> int:
+    from align_core.pretrained import checkpoint_format, open_pretrained
+
+    kind = "Hugging Face" if checkpoint_format(path) == "hf" else ".nemo"
+    with open_pretrained(path) as ckpt:
         model = ckpt.model_config
-        table = Table(title=f"{path} ({_mib(_size(path))})", show_header=False)
+        table = Table(title=f"{path} ({kind}, {_mib(_size(path))})", show_header=False)
         table.add_column("")
         table.add_column("")
+        architecture = getattr(ckpt, "config", {}).get("architectures")
+        if kind == "Hugging Face" and architecture:
+            table.add_row("architecture", ", ".join(map(str, architecture)))
         for field in dataclasses.fields(model):
             table.add_row(field.name, str(getattr(model, field.name)))
         table.add_row("parameters", f"{count_parameters(model):,}")
-        weights = ckpt.weights
-        table.add_row(
-            "weights",
-            f"{weights.kind} (saved with TP={weights.tensor_parallel}, "
-            f"PP={weights.pipeline_parallel})",
-        )
+        table.add_row("weights", _weights_line(ckpt))
         spec = ckpt.tokenizer
         if spec is None:
             table.add_row("tokenizer", "none")
@@ -108,17 +120,24 @@ def _inspect_step(path: Path, console: Console) -> int:
 
 
 def inspect(path: str, console: Console) -> int:
-    """Describe a ``.nemo``, a run directory or a training checkpoint directory."""
+    """Describe a ``.nemo``, a Hugging Face directory, a run directory or a training checkpoint."""
     target = Path(path)
     if not target.exists():
         raise UsageError(f"{path}: no such file or directory")
     if target.is_dir() and (target / "run.json").is_file():
         return _inspect_run(target, console)
-    if target.suffix == ".nemo" or (target / "model_config.yaml").is_file():
-        return _inspect_nemo(target, console)
+    if (
+        target.suffix == ".nemo"
+        or (target / "model_config.yaml").is_file()
+        or (target / "config.json").is_file()
+    ):
+        return _inspect_pretrained(target, console)
     if target.is_dir() and target.name.startswith("step_"):
         return _inspect_step(target, console)
-    raise UsageError(f"{path}: not a .nemo, a run directory or a step_* checkpoint")
+    raise UsageError(
+        f"{path}: not a .nemo, a Hugging Face directory (config.json), a run directory or a "
+        "step_* checkpoint"
+    )
 
 
 def init_model(out: str, changes: dict[str, Any], seed: int, console: Console) -> int:

@@ -33,11 +33,14 @@ def load_tokenizer(spec: str) -> Any:
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"--tokenizer: {spec}: no such file (or 'byte')")
-    if path.suffix == ".nemo" or (path.is_dir() and (path / "model_config.yaml").exists()):
+    if path.suffix == ".nemo" or (
+        path.is_dir() and ((path / "model_config.yaml").exists() or (path / "config.json").exists())
+    ):
         # align-core's own construction, so data statistics match what training will see.
-        from align_core.nemo import build_tokenizer, open_nemo
+        from align_core.nemo import build_tokenizer
+        from align_core.pretrained import open_pretrained
 
-        with open_nemo(path) as ckpt:
+        with open_pretrained(path) as ckpt:
             try:
                 return build_tokenizer(ckpt.tokenizer)
             except (ValueError, NotImplementedError) as exc:

@@ -202,12 +202,12 @@ def plan_teacher(config: Any, how: Any, console: Console) -> int:
     if config.tokenizer_from is not None:
         import dataclasses
 
-        from align_core.nemo import open_nemo
+        from align_core.pretrained import open_pretrained
         from align_core.trainer.build import tokenizer_from_spec
 
-        if not Path(config.tokenizer_from).is_file():
+        if not Path(config.tokenizer_from).exists():
             raise UsageError(f"tokenizer_from: {config.tokenizer_from}: no such file")
-        with open_nemo(config.tokenizer_from) as ckpt:
+        with open_pretrained(config.tokenizer_from) as ckpt:
             tokenizer = tokenizer_from_spec(ckpt.tokenizer)
         source = dataclasses.replace(source, tokenizer=tokenizer)
         tokenizer_line = f"{config.tokenizer_from} ({tokenizer.vocab_size:,} tokens)"

@@ -11,18 +11,18 @@ __all__ = ["base_model_for", "read_model_config"]
 
 
 def read_model_config(path: str, tensor_parallel_size: int = 1) -> Any:
-    """The `align_core.ModelConfig` stored in a ``.nemo`` file or directory.
+    """The `align_core.ModelConfig` of a ``.nemo`` (file or directory) or a Hugging Face directory.
 
     The vocabulary is the checkpoint's embedding rows, padded so that they split over
     ``tensor_parallel_size`` ranks as saved (align-core's ``model_config_for``).
 
     Raises:
-        ConfigError: The file cannot be read as a NeMo GPT checkpoint.
+        ConfigError: The path cannot be read as a NeMo GPT or Hugging Face checkpoint.
     """
-    from align_core.nemo import open_nemo
+    from align_core.pretrained import open_pretrained
 
     try:
-        with open_nemo(path) as checkpoint:
+        with open_pretrained(path) as checkpoint:
             return checkpoint.model_config_for(tensor_parallel_size)
     except (OSError, ValueError) as exc:
         raise ConfigError(

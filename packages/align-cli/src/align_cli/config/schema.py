@@ -130,8 +130,16 @@ _ExpCheckpoint = typed_section(
             RunConfig,
             "export_nemo",
             "save_nemo_on_train_end",
-            "write run_dir/final.nemo at the end (LoRA merged)",
-        )
+            "write run_dir/final.nemo at the end (LoRA merged); null: unless restored from a "
+            "Hugging Face directory",
+        ),
+        spec_of(
+            RunConfig,
+            "export_hf",
+            "save_hf_on_train_end",
+            "write run_dir/final_hf/, a Hugging Face directory, at the end (LoRA merged); "
+            "null: when restored from a Hugging Face directory",
+        ),
     ],
 )
 
@@ -546,8 +554,8 @@ def training_fields(tree: Any, base_model: ModelConfig | None) -> dict[str, Any]
     """The fields every training run configuration takes from the same keys of the tree.
 
     ``model``, ``parallel``, ``optim``, ``sched``, ``restore_from_path``, ``resume``,
-    ``export_nemo`` and ``seed``: shared by align-core's `RunConfig` and `SPINRunConfig` and
-    align-kd's `KDRunConfig`.
+    ``export_nemo``, ``export_hf`` and ``seed``: shared by align-core's `RunConfig` and
+    `SPINRunConfig` and align-kd's `KDRunConfig`.
     """
     return {
         "model": model_for(tree, base_model),
@@ -557,6 +565,7 @@ def training_fields(tree: Any, base_model: ModelConfig | None) -> dict[str, Any]
         "restore_from_path": tree.pretrained_checkpoint.restore_from_path,
         "resume": tree.exp_manager.resume_if_exists,
         "export_nemo": tree.exp_manager.checkpoint_callback_params.save_nemo_on_train_end,
+        "export_hf": tree.exp_manager.checkpoint_callback_params.save_hf_on_train_end,
         "seed": tree.model.seed,
     }
 

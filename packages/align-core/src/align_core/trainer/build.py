@@ -96,7 +96,8 @@ class ModelSource:
         tokenizer_spec: The `.nemo` tokenizer description (for export), or None. Read from a
             restored `.nemo`, it holds its artifact bytes (`TokenizerSpec.detached`), so it can
             be exported after the archive's temporary extraction is gone.
-        nemo_path: The `.nemo` to load weights from, or None for a fresh initialisation.
+        nemo_path: The checkpoint to load weights from — a `.nemo` or a Hugging Face
+            directory (`align_core.pretrained`) — or None for a fresh initialisation.
     """
 
     model: ModelConfig
@@ -104,18 +105,28 @@ class ModelSource:
     tokenizer_spec: Any
     nemo_path: str | None
 
+    @property
+    def checkpoint_format(self) -> str | None:
+        """``"nemo"`` or ``"hf"`` for a restored model, None for a fresh one."""
+        from align_core.pretrained import checkpoint_format
+
+        return None if self.nemo_path is None else checkpoint_format(self.nemo_path)
+
 
 def resolve_model_source(run: RunConfig) -> ModelSource:
     """Architecture and tokenizer: from ``restore_from_path``, or fresh (byte tokenizer).
 
+    ``restore_from_path`` may be a `.nemo` or a Hugging Face directory.
+
     Raises:
         ValueError: A fresh model whose vocabulary is smaller than the tokenizer's.
     """
-    from align_core.nemo import TokenizerSpec, open_nemo
+    from align_core.nemo import TokenizerSpec
+    from align_core.pretrained import open_pretrained
 
     tp = run.parallel.tensor_model_parallel_size
     if run.restore_from_path is not None:
-        with open_nemo(run.restore_from_path) as ckpt:
+        with open_pretrained(run.restore_from_path) as ckpt:
             model = run.model if run.model is not None else ckpt.model_config_for(tp)
             spec = ckpt.tokenizer
             tokenizer = tokenizer_from_spec(spec)  # reads the artifacts while extracted
@@ -136,14 +147,14 @@ def resolve_model_source(run: RunConfig) -> ModelSource:
 
 
 def build_policy(source: ModelSource, parallel: ParallelConfig) -> torch.nn.Module:
-    """This rank's model chunk holding the initial weights (from the `.nemo`, or fresh)."""
+    """This rank's model chunk holding the initial weights (from the checkpoint, or fresh)."""
     from align_core.model import build_gpt_model
-    from align_core.nemo import load_nemo_weights, open_nemo
+    from align_core.pretrained import load_pretrained_weights, open_pretrained
 
     model = build_gpt_model(source.model, parallel)
     if source.nemo_path is not None:
-        with open_nemo(source.nemo_path) as ckpt:
-            load_nemo_weights(model, ckpt)
+        with open_pretrained(source.nemo_path) as ckpt:
+            load_pretrained_weights(model, ckpt)
     return model
 
 

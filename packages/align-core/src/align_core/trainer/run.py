@@ -128,10 +128,14 @@ class RunConfig:
         sched: Learning-rate schedule (``model.optim.sched``).
         peft: LoRA settings (``model.peft``, `align_core.lora.LoraConfig`); None is full
             fine-tuning.
-        restore_from_path: ``.nemo`` file (or directory) with the initial policy and tokenizer;
-            None builds a freshly initialised ``model`` with align-data's byte-level tokenizer.
+        restore_from_path: ``.nemo`` file (or directory), or Hugging Face directory, with the
+            initial policy and tokenizer; None builds a freshly initialised ``model`` with
+            align-data's byte-level tokenizer.
         resume: Continue from the newest complete checkpoint in ``run_dir`` when there is one.
-        export_nemo: Write the final policy to ``run_dir/final.nemo`` (LoRA merged).
+        export_nemo: Write the final policy to ``run_dir/final.nemo`` (LoRA merged); None:
+            unless the model was restored from a Hugging Face directory.
+        export_hf: Write the final policy to ``run_dir/final_hf/`` (a Hugging Face directory,
+            LoRA merged); None: when the model was restored from a Hugging Face directory.
         seed: Seed of the model initialisation, dropout and everything not seeded elsewhere.
     """
 
@@ -150,7 +154,8 @@ class RunConfig:
     peft: LoraConfig | None = None
     restore_from_path: str | None = None
     resume: bool = True
-    export_nemo: bool = True
+    export_nemo: bool | None = None
+    export_hf: bool | None = None
     seed: int = 1234
 
 
@@ -215,6 +220,7 @@ class RunResult:
         checkpoint: The last checkpoint written, if any.
         nemo_path: The exported ``.nemo``, if any.
         reference_strategy: The resolved reference strategy.
+        hf_path: The exported Hugging Face directory, if any.
     """
 
     run_dir: str
@@ -227,6 +233,7 @@ class RunResult:
     checkpoint: str | None
     nemo_path: str | None
     reference_strategy: str
+    hf_path: str | None = None
 
 
 def sft_view(run: Any) -> RunConfig:
@@ -237,7 +244,8 @@ def sft_view(run: Any) -> RunConfig:
 
     Args:
         run: A config with ``run_dir``, ``model``, ``parallel``, ``data``, ``restore_from_path``,
-            ``resume``, ``export_nemo`` and ``seed`` (`SPINRunConfig`, align-kd's `KDRunConfig`).
+            ``resume``, ``export_nemo``, ``export_hf`` and ``seed`` (`SPINRunConfig`,
+            align-kd's `KDRunConfig`).
     """
     return RunConfig(
         algorithm="sft",
@@ -248,6 +256,7 @@ def sft_view(run: Any) -> RunConfig:
         restore_from_path=run.restore_from_path,
         resume=run.resume,
         export_nemo=run.export_nemo,
+        export_hf=run.export_hf,
         seed=run.seed,
     )
 

@@ -36,7 +36,7 @@ from align_core.trainer.build import (
     resolve_model_source,
 )
 from align_core.trainer.data import TrainData
-from align_core.trainer.finish import export_final_nemo, fit_and_finish
+from align_core.trainer.finish import FinalExports, export_final, final_formats, fit_and_finish
 from align_core.trainer.loop import ParallelGroups, StepPlan, Trainer
 from align_core.trainer.metrics import MetricsSink
 from align_core.trainer.run import RunConfig, RunPlan, RunResult
@@ -262,19 +262,21 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     for sink in sinks:
         sink.start(run_plan)
 
-    def export() -> str:
+    nemo, hf = final_formats(run.export_nemo, run.export_hf, source)
+
+    def export() -> FinalExports:
         if lora:
             from align_core.lora import merge_lora
 
             merge_lora(policy)
-        return export_final_nemo(model, run_dir, source)
+        return export_final(model, run_dir, source, nemo=nemo, hf=hf)
 
     return fit_and_finish(
         trainer,
         sinks,
         run_dir=run_dir,
         reference_strategy=strategy,
-        export=export if run.export_nemo else None,
+        export=export if nemo or hf else None,
     )
 
 

@@ -109,7 +109,10 @@ class SPINRunConfig:
         restore_from_path: The SFT ``.nemo`` to start from; None builds a fresh model with the
             byte tokenizer (tests and demos).
         resume: Continue from the newest checkpoint in ``run_dir`` when there is one.
-        export_nemo: Write the final policy to ``run_dir/final.nemo`` when the run completes.
+        export_nemo: Write the final policy to ``run_dir/final.nemo`` when the run completes;
+            None: unless the model was restored from a Hugging Face directory.
+        export_hf: Write the final policy to ``run_dir/final_hf/`` when the run completes;
+            None: when the model was restored from a Hugging Face directory.
         seed: Seed of initialisation and of the generation seeds.
     """
 
@@ -124,7 +127,8 @@ class SPINRunConfig:
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     restore_from_path: str | None = None
     resume: bool = True
-    export_nemo: bool = True
+    export_nemo: bool | None = None
+    export_hf: bool | None = None
     seed: int = 1234
 
 

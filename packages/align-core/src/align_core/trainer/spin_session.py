@@ -30,7 +30,7 @@ from align_core.trainer.build import (
     on_main_then_all,
     resolve_model_source,
 )
-from align_core.trainer.finish import export_final_nemo
+from align_core.trainer.finish import FinalExports, export_final, final_formats
 from align_core.trainer.loop import NonFiniteError, ParallelGroups, Trainer, TrainerState
 from align_core.trainer.metrics import MetricsSink, Split
 from align_core.trainer.run import RunPlan, RunResult, sft_view
@@ -416,7 +416,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     last: dict[str, dict[str, float]] = {"train": {}, "val": {}}
 
-    def result(reason: str, nemo_path: str | None) -> RunResult:
+    def result(reason: str, exports: FinalExports) -> RunResult:
         return RunResult(
             run_dir=str(run_dir),
             stop_reason=reason,  # type: ignore[arg-type]
@@ -426,7 +426,8 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
             last_train_metrics=last["train"],
             last_val_metrics=last["val"],
             checkpoint=saved["path"],
-            nemo_path=nemo_path,
+            nemo_path=exports.nemo,
+            hf_path=exports.hf,
             reference_strategy=strategy,
         )
 
@@ -525,10 +526,11 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     finally:
         stop.restore()
 
-    nemo_path = None
-    if run.export_nemo and reason == "completed":
-        nemo_path = export_final_nemo(model, run_dir, source)
-    out = result(reason, nemo_path)
+    exports = FinalExports()
+    nemo, hf = final_formats(run.export_nemo, run.export_hf, source)
+    if (nemo or hf) and reason == "completed":
+        exports = export_final(model, run_dir, source, nemo=nemo, hf=hf)
+    out = result(reason, exports)
     for sink in sinks:
         sink.finish(out)
     return out
