@@ -6,12 +6,14 @@ helpers are handed out as fixtures instead.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -61,3 +63,37 @@ def tiny_nemos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run_align("init-model", str(paths["teacher"]), "--num-layers", "2", "--seed", "1", cwd=root)
     run_align("init-model", str(paths["student"]), "--num-layers", "1", "--seed", "2", cwd=root)
     return paths
+
+
+def _load_hf_models() -> ModuleType:
+    """``tests/hf_models.py`` by file path (test modules cannot import each other)."""
+    spec = importlib.util.spec_from_file_location(
+        "align_tests_hf_models", Path(__file__).with_name("hf_models.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_hf_models = _load_hf_models()
+
+
+@pytest.fixture(scope="session")
+def hf_models() -> ModuleType:
+    """The `tests/hf_models.py` module (tiny Hugging Face models); skips without transformers."""
+    try:
+        _hf_models.require("transformers")
+    except ModuleNotFoundError as error:
+        pytest.skip(f"Hugging Face models: {error}")
+    return _hf_models
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face directory, built once per machine (~30 s)
+    into the test cache; skips without the ``hf`` dependency group."""
+    try:
+        return _hf_models.smollm2_dir()
+    except ModuleNotFoundError as error:
+        pytest.skip(f"SmolLM2 fixture: {error}")
