@@ -37,6 +37,7 @@ IMPORT_NAMES = {
     "rich": "rich",
     "matplotlib": "matplotlib",
     "tensorboard": "tensorboard",
+    "safetensors": "safetensors",
     **{dist: dist.replace("-", "_") for dist in PACKAGES},
 }
 
@@ -52,6 +53,7 @@ ALLOWED_DEPENDENCIES = {
         "numpy",
         "pyyaml",
         "psutil",
+        "safetensors",
         "transformer-engine",
     },
     "align-kd": {"align-core", "align-losses", "align-data", "torch", "numpy"},

@@ -190,7 +190,10 @@ def nemo_command(command: str, nemo: Path, root: Path) -> list[str]:
         "inspect": ["ckpt", "inspect", str(nemo)],
         "restore": ["run", "dpo", "--restore", str(nemo), "trainer.dpo.max_steps=1"],
         "generate": ["generate", "--restore", str(nemo), str(root / "prompts.jsonl")],
-        "kd-teacher": ["kd", "teacher", "--restore", str(nemo), "top_k=4", data],
+        "kd-teacher": [
+            *("kd", "teacher", "--restore", str(nemo), "top_k=4", data),
+            f"output={root / 'teacher'}",
+        ],
     }[command]
 
 
