@@ -50,10 +50,24 @@ class ModelConfig:
         position_embedding_type: ``"rope"`` or ``"learned_absolute"``.
         rotary_base: RoPE base frequency.
         rotary_percent: Fraction of each head's channels that RoPE rotates.
+        rope_scaling: Llama 3.1 RoPE frequency scaling (``rope_type: llama3``): wavelengths
+            longer than ``original_max_position_embeddings / low_freq_factor`` are stretched
+            by ``factor``, shorter than ``... / high_freq_factor`` kept, those between
+            interpolated. The four values below apply only when it is True; their defaults are
+            megatron-core's (and NeMo 1.x's) fixed ones.
+        rope_scaling_factor: The stretch ``factor``.
+        rope_scaling_low_freq_factor: ``low_freq_factor``.
+        rope_scaling_high_freq_factor: ``high_freq_factor``.
+        rope_scaling_original_max_position_embeddings: Context length of pre-training before
+            the extension (``original_max_position_embeddings``).
         normalization: ``"LayerNorm"`` or ``"RMSNorm"``.
         layernorm_epsilon: Epsilon of the norms.
         activation: MLP activation, NeMo's names (gated ones double ``linear_fc1``).
-        bias: Bias on the linear layers.
+        bias: Bias on the linear layers (all of them: fused q/k/v, attention output, MLP).
+        qkv_bias: Bias on the fused q/k/v projection even where ``bias`` is False (Qwen2);
+            with ``bias`` True it changes nothing.
+        qk_layernorm: Normalise each head's queries and keys before RoPE (``normalization``
+            type, ``kv_channels`` wide; Qwen3).
         share_embeddings_and_output_weights: Tie the output layer to the input embedding.
         make_vocab_size_divisible_by: Pad the vocabulary to a multiple of this times TP.
         hidden_dropout: Dropout after attention and MLP.
@@ -73,10 +87,17 @@ class ModelConfig:
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
     layernorm_epsilon: float = 1e-5
     activation: Activation = "swiglu"
     bias: bool = False
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
     share_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.0
@@ -99,6 +120,18 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_query_groups {groups}"
+            )
+        if self.rope_scaling and self.position_embedding_type != "rope":
+            raise ValueError(
+                "rope_scaling: needs position_embedding_type 'rope', got "
+                f"{self.position_embedding_type!r}"
+            )
+        if self.rope_scaling and not (
+            self.rope_scaling_high_freq_factor > self.rope_scaling_low_freq_factor > 0
+        ):
+            raise ValueError(
+                "rope_scaling_high_freq_factor must exceed rope_scaling_low_freq_factor > 0, got "
+                f"{self.rope_scaling_high_freq_factor} and {self.rope_scaling_low_freq_factor}"
             )
 
     @property
@@ -210,7 +243,8 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig = Paralle
         gated_linear_unit=model.gated,
         activation_func=_activation(model.activation),
         add_bias_linear=model.bias,
-        add_qkv_bias=model.bias,
+        add_qkv_bias=model.bias or model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,

@@ -2,15 +2,22 @@
 
 The Transformer Engine layer spec is used when transformer-engine imports and CUDA is present;
 megatron's local spec otherwise. `align_core.spec_keys` maps state dicts between the two.
+
+Llama 3.1 RoPE scaling: megatron-core 0.16.1's ``RotaryEmbedding`` applies it only with fixed
+values (low/high frequency factors 1 and 4, original context 8192). `build_gpt_model` therefore
+builds the unscaled rotary embedding and sets its inverse frequencies to
+`llama3_scaled_inv_freq` of the `ModelConfig`'s own values.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from align_core.config import ModelConfig, ParallelConfig, padded_vocab_size, to_transformer_config
 
-__all__ = ["build_gpt_model", "te_available", "unwrap_model"]
+__all__ = ["build_gpt_model", "llama3_scaled_inv_freq", "te_available", "unwrap_model"]
 
 
 def te_available() -> bool:
@@ -28,8 +35,72 @@ def _layer_spec(model: ModelConfig, use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=model.qk_layernorm, normalization=model.normalization
+    )
+
+
+def llama3_scaled_inv_freq(
+    inv_freq: torch.Tensor,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling (Hugging Face ``rope_type: "llama3"``).
+
+    With wavelength ``λ = 2π / f`` of each inverse frequency ``f``, ``L`` the original
+    context, ``λ_lo = L / low_freq_factor`` and ``λ_hi = L / high_freq_factor``:
+
+    - ``λ < λ_hi`` (high frequencies): ``f`` unchanged;
+    - ``λ > λ_lo`` (low frequencies): ``f / factor``;
+    - otherwise ``(1 − s)·f/factor + s·f`` with ``s = (L/λ − low_freq_factor) /
+      (high_freq_factor − low_freq_factor)``.
+
+    Pure; the same arithmetic (float32 in, float32 out) as transformers'
+    ``_compute_llama3_parameters``.
+
+    Args:
+        inv_freq: Unscaled inverse frequencies, ``1 / base^(2i/d)``.
+        factor: Stretch of the low frequencies.
+        low_freq_factor: Where the low-frequency band starts (as a divisor of ``L``).
+        high_freq_factor: Where the high-frequency band starts (as a divisor of ``L``).
+        original_max_position_embeddings: ``L``.
+
+    Returns:
+        The scaled inverse frequencies (same shape and dtype).
+    """
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _scale_rope(gpt: torch.nn.Module, model: ModelConfig) -> None:
+    """Give ``gpt``'s rotary embedding the Llama 3.1 scaling of ``model``.
+
+    Must run before any forward: ``RotaryEmbedding.forward`` caches its results per instance.
+    """
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if not model.rope_scaling or rotary is None:
+        return
+    rotary.inv_freq = llama3_scaled_inv_freq(
+        rotary.inv_freq,
+        factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_scaling_low_freq_factor,
+        high_freq_factor=model.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings,
+    )
 
 
 def _initialised_layout(parallel: ParallelConfig | None) -> ParallelConfig:
@@ -108,14 +179,20 @@ def build_gpt_model(
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         position_embedding_type=model.position_embedding_type,
         rotary_percent=model.rotary_percent,
-        rotary_base=int(model.rotary_base),
+        rotary_base=_rotary_base(model.rotary_base),
     )
+    _scale_rope(gpt, model)
     if device is None:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     gpt = gpt.to(device)
     if config.bf16 or config.fp16:
         gpt = Float16Module(config, gpt)
     return gpt
+
+
+def _rotary_base(base: float) -> int | float:
+    """The ``rotary_base`` argument of GPTModel: an int where the base is integral."""
+    return int(base) if float(base).is_integer() else float(base)
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:

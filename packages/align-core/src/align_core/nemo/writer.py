@@ -34,7 +34,7 @@ from align_core.nemo.tokenizer import TokenizerSpec, tokenizer_to_nemo
 from align_core.nemo.weights import DIST_DIR, NEMO_PREFIX, WEIGHTS_FILE
 from align_core.spec_keys import detect_spec
 
-__all__ = ["canonical_order", "save_nemo", "write_nemo"]
+__all__ = ["canonical_order", "gather_full_state", "save_nemo", "write_nemo"]
 
 CONFIG_FILE = "model_config.yaml"
 _NUMBER = re.compile(r"(\d+)")
@@ -133,6 +133,30 @@ def _parallel_groups() -> tuple[object | None, object | None, bool]:
     )
 
 
+def gather_full_state(
+    module: torch.nn.Module, model_config: ModelConfig
+) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict (unsplit, global layer numbers) on global rank 0.
+
+    Collective: every rank calls it (the first data-parallel replica gathers).
+
+    Returns:
+        The full state dict on global rank 0, None on every other rank.
+    """
+    tp_group, pp_group, writer = _parallel_groups()
+    full = None
+    if writer:
+        full = gather_state_dict(
+            module.state_dict(),
+            gated=model_config.gated,
+            share_embeddings=model_config.share_embeddings_and_output_weights,
+            tp_group=tp_group,
+            pp_group=pp_group,
+        )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return full if rank == 0 else None
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -170,18 +194,8 @@ def save_nemo(
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not distributed:
-        tp_group, pp_group, writer = _parallel_groups()
-        full = None
-        if writer:
-            full = gather_state_dict(
-                module.state_dict(),
-                gated=model_config.gated,
-                share_embeddings=model_config.share_embeddings_and_output_weights,
-                tp_group=tp_group,
-                pp_group=pp_group,
-            )
-        if rank == 0:
-            assert full is not None
+        full = gather_full_state(module, model_config)
+        if full is not None:
             write_nemo(path, full, model_config, tokenizer=tokenizer)
         _barrier()
         return path
