@@ -97,3 +97,25 @@ def smollm2_dir() -> Path:
         return _hf_models.smollm2_dir()
     except ModuleNotFoundError as error:
         pytest.skip(f"SmolLM2 fixture: {error}")
+
+
+@pytest.fixture(scope="session")
+def dist_ctx():
+    """A world of one process with megatron's parallel state initialised (in-process tests)."""
+    import warnings
+
+    from align_core import ParallelConfig, init_distributed
+
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    return init_distributed(ParallelConfig(), seed=1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny models only lose time to OpenMP on shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

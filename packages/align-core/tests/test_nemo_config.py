@@ -123,13 +123,13 @@ def test_precision(precision, dtype):
     [
         ("num_moe_experts", 8),
         ("transformer_block_type", "post_ln"),
-        ("qk_layernorm", True),
+        ("window_size", [128, 0]),
         ("normalization", "layernorm1p"),
         ("position_embedding_type", "alibi"),
         ("seq_len_interpolation_factor", 4),
         ("mcore_gpt", False),
         ("activation", "tanh"),
-        ("qkv_bias", True),
+        ("headscale", True),
         ("rotary_interleaved", True),
     ],
 )
@@ -147,6 +147,39 @@ def test_inert_values_of_unsupported_keys_are_accepted():
         "seq_len_interpolation_factor": None,
     }
     assert model_config_from_nemo(cfg, vocab_size=8).num_layers == 4
+
+
+def test_qwen_and_llama31_keys_map_to_the_model_config():
+    cfg = {
+        **LLAMA_STYLE,
+        "bias": False,
+        "qkv_bias": True,
+        "qk_layernorm": True,
+        "scale_positional_embedding": True,
+    }
+    model = model_config_from_nemo(cfg, vocab_size=8)
+    assert (model.bias, model.qkv_bias, model.qk_layernorm) == (False, True, True)
+    # NeMo 1.x's Llama 3.1 scaling: megatron-core's fixed values (factor 8, 1, 4, 8192).
+    assert model.rope_scaling
+    assert (
+        model.rope_scaling_factor,
+        model.rope_scaling_low_freq_factor,
+        model.rope_scaling_high_freq_factor,
+        model.rope_scaling_original_max_position_embeddings,
+    ) == (8.0, 1.0, 4.0, 8192)
+
+
+def test_qkv_bias_and_rope_scaling_values_survive_a_round_trip():
+    model = model_config_from_nemo({**LLAMA_STYLE, "bias": False}, vocab_size=8).replace(
+        qkv_bias=True,
+        qk_layernorm=True,
+        rope_scaling=True,
+        rope_scaling_factor=32.0,
+        rope_scaling_low_freq_factor=2.0,
+        rope_scaling_high_freq_factor=8.0,
+        rope_scaling_original_max_position_embeddings=64,
+    )
+    assert model_config_from_nemo(nemo_config_from_model(model), vocab_size=8) == model
 
 
 def test_missing_required_key():

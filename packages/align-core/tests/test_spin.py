@@ -360,6 +360,7 @@ def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
         sampling_params=greedy,
         length_params=LengthConfig(max_length=8),
         micro_batch_size=3,
+        chat_template=False,  # plain prompts as they are (messages still use the template)
     )
     result = generate_jsonl(config)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -376,6 +377,30 @@ def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
     assert [r["completion"] for r in rows[:3]] == direct.texts
     assert [r["prompt_length"] for r in rows[:3]] == [len(t) + 1 for t in texts]
     assert [r["generated_length"] for r in rows[:3]] == direct.response_lengths.tolist()
+    # The chat prompt went through the byte tokenizer's template: "User: loud: red\nAssistant: ".
+    assert rows[3]["prompt_length"] == 1 + len("User: loud: red\nAssistant: ")
+
+
+def test_generate_jsonl_renders_plain_prompts_through_the_chat_template(dist_ctx, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    _write_prompts(prompts, [{"prompt": "loud: red"}])
+    greedy = SamplingConfig(use_greedy=True)
+    config = GenerateConfig(
+        prompts_file=str(prompts),
+        output_file=str(tmp_path / "out.jsonl"),
+        model=T.MODEL,
+        sampling_params=greedy,
+        length_params=LengthConfig(max_length=4),
+    )
+    generate_jsonl(config)
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    rendered = "User: loud: red\nAssistant: "  # SimpleChatTemplate, the byte tokenizer's
+    assert row["prompt"] == "loud: red"
+    assert row["prompt_length"] == 1 + len(rendered)
+    direct = make_generator(T.fresh_model(config.seed), T.TOK, 64).generate(
+        [[T.TOK.bos_id, *T.TOK.encode(rendered)]], greedy, LengthConfig(max_length=4)
+    )
+    assert row["completion"] == direct.texts[0]
 
 
 def test_generate_jsonl_sampling_does_not_depend_on_the_batch_size(dist_ctx, tmp_path):

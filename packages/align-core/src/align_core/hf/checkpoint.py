@@ -79,10 +79,17 @@ class HFCheckpoint:
         """`model_config` with vocabulary padding that splits over this many TP ranks unpadded.
 
         Raises:
-            HFFormatError: When the vocabulary cannot be split evenly over the ranks (megatron
-                would pad it, and padded rows would change the log-probabilities).
+            HFFormatError: When the key/value heads or the vocabulary cannot be split evenly
+                over the ranks (megatron would pad the vocabulary, and padded rows would change
+                the log-probabilities).
         """
         cfg = self.model_config
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        if groups % tensor_parallel_size:
+            raise HFFormatError(
+                f"{self.source / CONFIG_FILE}: num_key_value_heads={groups} cannot be split "
+                f"evenly over {tensor_parallel_size} tensor-parallel ranks"
+            )
         rows = cfg.vocab_size
         if rows % tensor_parallel_size:
             raise HFFormatError(
@@ -229,7 +236,9 @@ def _tensor_parallel(tp_rank: int | None, tp_size: int | None) -> tuple[int, int
 
 def _rank_range(length: int, rank: int, size: int, what: str) -> tuple[int, int]:
     if length % size:
-        raise HFFormatError(f"{what}: {length} rows cannot be split over {size} ranks")
+        raise HFFormatError(
+            f"{what}: {length} cannot be split evenly over {size} tensor-parallel ranks"
+        )
     step = length // size
     return rank * step, (rank + 1) * step
 

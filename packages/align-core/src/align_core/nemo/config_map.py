@@ -3,9 +3,9 @@
 `NemoGptConfig` lists the architecture keys of NeMo's ``MegatronGPTModel`` config under their
 NeMo names, with NeMo's own defaults (which differ from `ModelConfig`'s: NeMo defaults to
 LayerNorm, GeLU, biases, learned positions and tied embeddings). Keys that would change the model
-in ways `ModelConfig` cannot express (mixture of experts, post-LN blocks, QK layer norm, RoPE
-scaling, ...) are accepted only at their inert values; any other value raises
-`UnsupportedNemoConfigError` naming the key. Training-only keys (optimiser, data, batch sizes,
+in ways `ModelConfig` cannot express (mixture of experts, post-LN blocks, sliding windows, ...)
+are accepted only at their inert values; any other value raises `UnsupportedNemoConfigError`
+naming the key. Training-only keys (optimiser, data, batch sizes,
 fusions, recompute) are ignored.
 """
 
@@ -45,9 +45,7 @@ _INERT_VALUES: dict[str, tuple[Any, ...]] = {
     "apply_residual_connection_post_layernorm": (False,),
     "layernorm_zero_centered_gamma": (False,),
     "seq_len_interpolation_factor": (None, 1, 1.0),
-    "scale_positional_embedding": (False,),
     "rotary_interleaved": (False,),
-    "qk_layernorm": (False,),
     "headscale": (False,),
     "normalize_attention_scores": (True,),
     "window_size": (None,),
@@ -66,8 +64,13 @@ class NemoGptConfig:
     """Architecture keys of a NeMo GPT config, NeMo's names and NeMo's defaults.
 
     Attributes mirror the keys of ``model_config.yaml``; see `ModelConfig` for their meaning.
-    ``qkv_bias`` None means "same as ``bias``". ``tensor_model_parallel_size`` and
-    ``pipeline_model_parallel_size`` record the layout the weights were saved with.
+    ``qkv_bias`` None means "same as ``bias``". ``scale_positional_embedding`` is NeMo's switch
+    for Llama 3.1 RoPE scaling (megatron-core's ``rope_scaling``) with ``rope_scaling_factor``;
+    NeMo 1.x fixes the other three values at megatron-core's defaults, and align writes
+    ``rope_scaling_low_freq_factor``, ``rope_scaling_high_freq_factor`` and
+    ``rope_scaling_original_max_position_embeddings`` so that other values survive a round trip.
+    ``tensor_model_parallel_size`` and ``pipeline_model_parallel_size`` record the layout the
+    weights were saved with.
     """
 
     num_layers: int
@@ -85,6 +88,12 @@ class NemoGptConfig:
     activation: str = "gelu"
     bias: bool = True
     qkv_bias: bool | None = None
+    qk_layernorm: bool = False
+    scale_positional_embedding: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
     share_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.1
@@ -153,10 +162,10 @@ class NemoGptConfig:
                 f"position_embedding_type={self.position_embedding_type!r} is not supported "
                 "(rope, learned_absolute)"
             )
-        if self.qkv_bias is not None and bool(self.qkv_bias) != bool(self.bias):
+        if self.bias and self.qkv_bias is not None and not self.qkv_bias:
             raise UnsupportedNemoConfigError(
                 f"qkv_bias={self.qkv_bias!r} with bias={self.bias!r} is not supported "
-                "(QKV bias must match the other linear layers)"
+                "(with bias on the other linear layers, QKV has one too)"
             )
         return ModelConfig(
             num_layers=self.num_layers,
@@ -174,6 +183,15 @@ class NemoGptConfig:
             layernorm_epsilon=float(self.layernorm_epsilon),
             activation=activation,  # type: ignore[arg-type]
             bias=bool(self.bias),
+            qkv_bias=bool(self.qkv_bias) and not self.bias,
+            qk_layernorm=bool(self.qk_layernorm),
+            rope_scaling=bool(self.scale_positional_embedding),
+            rope_scaling_factor=float(self.rope_scaling_factor),
+            rope_scaling_low_freq_factor=float(self.rope_scaling_low_freq_factor),
+            rope_scaling_high_freq_factor=float(self.rope_scaling_high_freq_factor),
+            rope_scaling_original_max_position_embeddings=int(
+                self.rope_scaling_original_max_position_embeddings
+            ),
             share_embeddings_and_output_weights=bool(self.share_embeddings_and_output_weights),
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
             hidden_dropout=float(self.hidden_dropout),
@@ -270,6 +288,8 @@ def nemo_config_from_model(
         "post_process": True,
         "persist_layer_norm": True,
         "bias": model.bias,
+        "qkv_bias": model.bias or model.qkv_bias,
+        "qk_layernorm": model.qk_layernorm,
         "activation": model.activation,
         "headscale": False,
         "transformer_block_type": "pre_ln",
@@ -278,12 +298,22 @@ def nemo_config_from_model(
         "position_embedding_type": model.position_embedding_type,
         "rotary_percentage": model.rotary_percent,
         "rotary_base": model.rotary_base,
+        "scale_positional_embedding": model.rope_scaling,
         "apply_query_key_layer_scaling": False,
         "share_embeddings_and_output_weights": model.share_embeddings_and_output_weights,
         "precision": _WRITE_PRECISION[model.dtype],
         "megatron_amp_O2": model.dtype != "fp32",
         "transformer_engine": transformer_engine,
     }
+    if model.rope_scaling:
+        cfg.update(
+            rope_scaling_factor=model.rope_scaling_factor,
+            rope_scaling_low_freq_factor=model.rope_scaling_low_freq_factor,
+            rope_scaling_high_freq_factor=model.rope_scaling_high_freq_factor,
+            rope_scaling_original_max_position_embeddings=(
+                model.rope_scaling_original_max_position_embeddings
+            ),
+        )
     if dist_ckpt_format is not None:
         cfg["dist_ckpt_format"] = dist_ckpt_format
     if tokenizer is not None:

@@ -292,8 +292,14 @@ class GenerateConfig:
         seq_length: Longest prompt plus response; None uses the model's ``seq_length``.
         seed: Prompt ``i`` is sampled with a seed derived from ``(seed, i)``, so the output
             does not depend on the parallel layout or ``micro_batch_size``.
-        add_bos: Put the tokenizer's BOS in front of each prompt (as training tokenization
-            does).
+        add_bos: Put the tokenizer's BOS in front of each prompt: None as training
+            tokenization does (when the model was trained with one, the tokenizer's
+            ``adds_bos``), True always, False never. A chat template that writes the BOS
+            itself never gets a second one.
+        chat_template: Render plain string prompts through the tokenizer's chat template (as
+            one user turn, with the generation prompt): None when the tokenizer has one, True
+            always (an error without one), False never (the text is tokenized as it is). Chat
+            ``messages`` prompts are always rendered through the template.
     """
 
     prompts_file: str
@@ -306,7 +312,8 @@ class GenerateConfig:
     micro_batch_size: int = 32
     seq_length: int | None = None
     seed: int = 1234
-    add_bos: bool = True
+    add_bos: bool | None = None
+    chat_template: bool | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1:
@@ -407,8 +414,10 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
     """Answer every prompt of ``config.prompts_file`` and write ``config.output_file``.
 
     Call it on every rank (``align generate`` under torchrun works like a training run).
-    Prompts are tokenized as training tokenizes them (BOS, the tokenizer's chat template for
-    messages), sharded over data-parallel ranks and generated in chunks of
+    Prompts are tokenized by `align_data.tokenize_prompt`: through the tokenizer's chat template
+    with the generation prompt (messages, and plain text unless ``chat_template`` is False or
+    the tokenizer has none), with the BOS where training puts it (``add_bos``), then sharded
+    over data-parallel ranks and generated in chunks of
     ``micro_batch_size``. Each output line is ``{"index", "prompt", "completion",
     "prompt_length", "generated_length", "finished"}`` in input order: ``completion`` is the
     decoded response (EOS dropped, cut before an end string), so the file is SFT
@@ -435,7 +444,7 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
         rollout,
         write_jsonl_atomically,
     )
-    from align_data import DataError, SFTRecord, Source, TokenizeConfig, tokenize_record
+    from align_data import DataError, Source, tokenize_prompt
 
     ctx = init_distributed(config.parallel, seed=config.seed)
     prompts = read_prompts(config.prompts_file)
@@ -452,13 +461,17 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
     source = resolve_model_source(view)
     tok = source.tokenizer
     seq = config.seq_length or source.model.seq_length
-    tokenize = TokenizeConfig(max_length=2**30, add_bos=config.add_bos)
     ids: list[list[int]] = []
     for i, prompt in enumerate(prompts):
-        record = SFTRecord(prompt, "x", Source(config.prompts_file, i + 1))
-        example = tokenize_record(record, tok, tokenize).example
-        assert example is not None
-        ids.append([int(t) for t in example.prompt_ids])
+        ids.append(
+            tokenize_prompt(
+                prompt,
+                tok,
+                chat_template=config.chat_template,
+                add_bos=config.add_bos,
+                source=Source(config.prompts_file, i + 1),
+            )
+        )
         if len(ids[-1]) >= seq:
             raise DataError(
                 config.prompts_file,
@@ -466,6 +479,8 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
                 "prompt",
                 f"{len(ids[-1])} tokens leave no room to generate within seq_length {seq}",
             )
+        if not ids[-1]:
+            raise DataError(config.prompts_file, i + 1, "prompt", "the prompt has no tokens")
     model = build_policy(source, config.parallel)
     result = rollout(
         make_generator(model, tok, seq),
