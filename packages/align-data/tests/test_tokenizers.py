@@ -122,9 +122,11 @@ def test_hf_chat_record_boundary(hf_dir):
 
 
 def test_hf_plain_text_gets_bos_and_eos(hf_dir):
+    # hf_dir's config has no add_bos_token and tokenizer.json no post-processor: plain text
+    # gets a BOS only when asked (test_bos_convention.py covers the default).
     tok = HFTokenizer(hf_dir)
     record = SFTRecord("the cat", " sat", SRC)
-    ex = tokenize_record(record, tok, TokenizeConfig()).example
+    ex = tokenize_record(record, tok, TokenizeConfig(add_bos=True)).example
     assert ex.prompt_ids.tolist() == [tok.bos_id, *tok.encode("the cat")]
     assert ex.completion_ids.tolist() == [*tok.encode(" sat"), tok.eos_id]
 

@@ -29,12 +29,21 @@ class HFTokenizer:
     ``pad_token``) when it sits next to ``tokenizer.json``, or from the arguments, which win.
     The pad id falls back to the EOS id.
 
+    Whether the model was trained with a BOS in front of plain text (:attr:`adds_bos`) follows
+    the tokenizer's own settings, as ``transformers`` does: ``add_bos_token`` of
+    ``tokenizer_config.json`` when present (Llama-2, Mistral: true); otherwise whether the
+    ``post_processor`` of ``tokenizer.json`` (a ``TemplateProcessing``, possibly inside a
+    ``Sequence``) puts the BOS token before ``$A`` (Llama-3: true); otherwise False
+    (SmolLM2, Qwen: their ``bos_token`` only opens chat turns).
+
     Args:
         tokenizer_file: Path to ``tokenizer.json`` (or the directory holding it).
         bos_token: BOS token text (None: from the config; the tokenizer may have none).
         eos_token: EOS token text (None: from the config; required somewhere).
         pad_token: Pad token text (None: from the config, else the EOS token).
         chat_template: Template for chat messages. None: the config's ``chat_template`` if any.
+        add_bos_token: Whether plain text gets a BOS (None: from the config, else the
+            post-processor, as described above).
 
     Raises:
         ImportError: Without the ``tokenizers`` library.
@@ -49,6 +58,7 @@ class HFTokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         chat_template: ChatTemplate | None = None,
+        add_bos_token: bool | None = None,
     ) -> None:
         path = Path(tokenizer_file)
         if path.is_dir():
@@ -59,12 +69,15 @@ class HFTokenizer:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         if chat_template is None and (config.get("chat_template") or _has_jinja(path.parent)):
             chat_template = JinjaChatTemplate.from_tokenizer_config(config_path)
+        if add_bos_token is None and isinstance(config.get("add_bos_token"), bool):
+            add_bos_token = config["add_bos_token"]
         self._setup(
             path.read_text(encoding="utf-8"),
             bos_token=bos_token or _token_text(config.get("bos_token")),
             eos_token=eos_token or _token_text(config.get("eos_token")),
             pad_token=pad_token or _token_text(config.get("pad_token")),
             chat_template=chat_template,
+            adds_bos=add_bos_token,
             where=str(path),
         )
 
@@ -82,6 +95,7 @@ class HFTokenizer:
         """A GPT-2 style byte-level BPE from ``vocab.json`` and ``merges.txt``.
 
         This is the layout of NeMo's ``megatron`` ``GPT2BPETokenizer`` inside ``.nemo`` files.
+        Plain text gets the BOS (:attr:`adds_bos`) whenever ``bos_token`` is given.
 
         Args:
             vocab_file: ``vocab.json`` (token -> id).
@@ -104,6 +118,7 @@ class HFTokenizer:
             eos_token=eos_token,
             pad_token=pad_token,
             chat_template=chat_template,
+            adds_bos=bos_token is not None,
             where=str(vocab_file),
         )
         return self
@@ -116,6 +131,7 @@ class HFTokenizer:
         eos_token: str | None,
         pad_token: str | None,
         chat_template: ChatTemplate | None,
+        adds_bos: bool | None,
         where: str,
     ) -> None:
         self._tok = _library().Tokenizer.from_str(json_text)
@@ -129,6 +145,10 @@ class HFTokenizer:
         self._special = {self._eos_id, self._pad_id} | (
             {self._bos_id} if self._bos_id is not None else set()
         )
+        if adds_bos is None:
+            processor = json.loads(json_text).get("post_processor")
+            adds_bos = bos_token is not None and _post_processor_adds_bos(processor, bos_token)
+        self._adds_bos = bool(adds_bos) and self._bos_id is not None
 
     def _id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -145,6 +165,11 @@ class HFTokenizer:
     def bos_id(self) -> int | None:
         """See :class:`align_data.Tokenizer`."""
         return self._bos_id
+
+    @property
+    def adds_bos(self) -> bool:
+        """See :class:`align_data.Tokenizer` (the rule is in the class docstring)."""
+        return self._adds_bos
 
     @property
     def eos_id(self) -> int:
@@ -174,6 +199,32 @@ class HFTokenizer:
         """See :class:`align_data.Tokenizer`."""
         kept = [int(i) for i in ids if int(i) not in self._special]
         return str(self._tok.decode(kept, skip_special_tokens=False))
+
+
+def _post_processor_adds_bos(processor: Any, bos_token: str) -> bool:
+    """Whether a ``tokenizer.json`` ``post_processor`` puts ``bos_token`` in front of the text.
+
+    True when a ``TemplateProcessing`` (on its own or inside a ``Sequence`` of processors) has
+    the special token ``bos_token`` before the ``$A`` sequence in its ``single`` template, as
+    Llama-3's ``<|begin_of_text|> $A`` does. Other processors (``ByteLevel``, none) add nothing.
+
+    Args:
+        processor: The ``post_processor`` entry of ``tokenizer.json`` (a dict, or None).
+        bos_token: Text of the BOS token.
+    """
+    if not isinstance(processor, dict):
+        return False
+    if processor.get("type") == "Sequence":
+        return any(_post_processor_adds_bos(p, bos_token) for p in processor.get("processors", []))
+    if processor.get("type") != "TemplateProcessing":
+        return False
+    for piece in processor.get("single") or []:
+        if not isinstance(piece, dict) or "Sequence" in piece:
+            return False
+        special = piece.get("SpecialToken")
+        if isinstance(special, dict) and special.get("id") == bos_token:
+            return True
+    return False
 
 
 def _library() -> Any:

@@ -41,6 +41,7 @@ from align_data.tokenize import (
     TokenizeConfig,
     TokenizeStats,
     UnpairedExample,
+    resolve_add_bos,
     tokenize_record,
 )
 from align_data.tokenizer import Tokenizer
@@ -100,8 +101,8 @@ def dataset_fingerprint(
     """The cache key of a preprocessing run.
 
     Hashes the sources' contents (in order), the tokenizer, the chat template, and the settings
-    that change the output (kind, format, strictness, tokenization); worker count, chunking and
-    progress printing do not change it.
+    that change the output (kind, format, strictness, tokenization, with ``add_bos`` resolved
+    against the tokenizer); worker count, chunking and progress printing do not change it.
     """
     template = chat_template if chat_template is not None else tokenizer.chat_template
     key = {
@@ -112,9 +113,16 @@ def dataset_fingerprint(
         "kind": config.kind,
         "format": config.format,
         "strict": config.strict,
-        "tokenize": asdict(config.tokenize),
+        "tokenize": _tokenize_settings(config.tokenize, tokenizer),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tokenize_settings(config: TokenizeConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The tokenization settings with ``add_bos`` as applied (True/False, never None)."""
+    settings = asdict(config)
+    settings["add_bos"] = resolve_add_bos(config.add_bos, tokenizer)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,7 @@ def preprocess(
             "settings": {
                 "format": config.format,
                 "strict": config.strict,
-                "tokenize": asdict(config.tokenize),
+                "tokenize": _tokenize_settings(config.tokenize, tokenizer),
                 "tokenizer": tokenizer.fingerprint,
             },
             "summary": summary.to_dict(),

@@ -18,8 +18,9 @@ class SentencePieceTokenizer:
     """A :class:`align_data.Tokenizer` over a sentencepiece model.
 
     BOS/EOS/pad ids come from the model (``bos_id()``, ``eos_id()``, ``pad_id()``); a model
-    without a pad piece pads with EOS. Pieces such as NeMo's ``<extra_id_1>`` are encoded as
-    single tokens when the model defines them as user-defined symbols.
+    without a pad piece pads with EOS. Plain text gets the BOS whenever the model has one
+    (``adds_bos``). Pieces such as NeMo's ``<extra_id_1>`` are encoded as single tokens when the
+    model defines them as user-defined symbols.
 
     Like NeMo's SFT datasets, prompt and response are encoded separately, so each fragment gets
     sentencepiece's dummy-prefix space when the model uses one.
@@ -65,6 +66,11 @@ class SentencePieceTokenizer:
     def bos_id(self) -> int | None:
         """See :class:`align_data.Tokenizer`."""
         return self._bos_id
+
+    @property
+    def adds_bos(self) -> bool:
+        """See :class:`align_data.Tokenizer`: True when the model has a BOS piece."""
+        return self._bos_id is not None
 
     @property
     def eos_id(self) -> int:

@@ -2,9 +2,13 @@
 
 Prompt and response are rendered (chat templates) and tokenized *separately*, then concatenated:
 a tokenizer can never merge tokens across the boundary, so every response token — and only
-response tokens — gets a label. A BOS is put in front of the prompt (unless it already starts
-with one) and an EOS ends every response (unless the response already ends with it, or, for a
-chat-rendered response, already contains it).
+response tokens — gets a label. A BOS is put in front of the prompt when the model was trained
+with one (:func:`resolve_add_bos`: ``TokenizeConfig.add_bos``, by default the tokenizer's
+``adds_bos``) — never a second one: not when the prompt already starts with the BOS id, nor when
+a chat template already wrote the BOS token's text at the start. An EOS ends every response
+(unless the response already ends with it, or, for a chat-rendered response, already contains it).
+
+:func:`tokenize_prompt` tokenizes a prompt to generate from by the same rules.
 
 Over-long examples follow :class:`TokenizeConfig`: with ``overlong="truncate"`` the prompt is
 truncated from the left (after the BOS) down to ``min_prompt_length`` tokens, then responses from
@@ -24,6 +28,7 @@ import numpy as np
 from align_data.chat import (
     ChatTemplate,
     ChatTemplateError,
+    JinjaChatTemplate,
     conversation_segments,
     split_prompt_response,
 )
@@ -50,6 +55,8 @@ __all__ = [
     "Tokenized",
     "UnpairedExample",
     "fit_lengths",
+    "resolve_add_bos",
+    "tokenize_prompt",
     "tokenize_record",
     "tokenize_records",
 ]
@@ -68,7 +75,9 @@ class TokenizeConfig:
         max_prompt_length: If set, prompts are first cut (from the left) to this many tokens
             (with ``overlong="drop"``, longer prompts drop the example).
         min_prompt_length: Truncation never cuts a prompt below this many tokens (BOS included).
-        add_bos: Put the tokenizer's BOS in front of every prompt.
+        add_bos: Put the tokenizer's BOS in front of every prompt (True), never (False), or
+            as the model was trained (None: the tokenizer's ``adds_bos``). A chat template that
+            writes the BOS itself never gets a second one.
         add_eos: End every response with the tokenizer's EOS.
         train_on_all_assistant_turns: For multi-turn SFT chat records, also train on the
             assistant turns inside the prompt (NeMo chat SFT behaviour); by default only the last
@@ -79,7 +88,7 @@ class TokenizeConfig:
     overlong: OverlongPolicy = "truncate"
     max_prompt_length: int | None = None
     min_prompt_length: int = 1
-    add_bos: bool = True
+    add_bos: bool | None = None
     add_eos: bool = True
     train_on_all_assistant_turns: bool = False
 
@@ -284,16 +293,37 @@ class TokenizeStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def resolve_add_bos(add_bos: bool | None, tokenizer: Tokenizer) -> bool:
+    """Whether prompts get the tokenizer's BOS: ``add_bos``, or when None the tokenizer's rule.
+
+    Args:
+        add_bos: The setting (``TokenizeConfig.add_bos``, ``align generate``'s ``add_bos``);
+            None follows ``tokenizer.adds_bos``.
+        tokenizer: The tokenizer.
+
+    Returns:
+        False whenever the tokenizer has no BOS.
+    """
+    if tokenizer.bos_id is None:
+        return False
+    return tokenizer.adds_bos if add_bos is None else add_bos
+
+
 class _Encoder:
     """Renders and encodes the texts of one record."""
 
     def __init__(
-        self, tokenizer: Tokenizer, config: TokenizeConfig, template: ChatTemplate | None
+        self,
+        tokenizer: Tokenizer,
+        template: ChatTemplate | None,
+        *,
+        add_bos: bool | None,
+        add_eos: bool,
     ) -> None:
         self.tok = tokenizer
-        self.config = config
+        self.add_eos = add_eos
         self.template = template if template is not None else tokenizer.chat_template
-        self.bos = tokenizer.bos_id if config.add_bos else None
+        self.bos = tokenizer.bos_id if resolve_add_bos(add_bos, tokenizer) else None
         self.eos = tokenizer.eos_id
 
     def _template(self, source: Source, field: str) -> ChatTemplate:
@@ -307,13 +337,20 @@ class _Encoder:
             )
         return self.template
 
-    def _with_bos(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
-        if self.bos is not None and (not ids or ids[0] != self.bos):
-            return [self.bos, *ids], [0, *mask]
-        return ids, mask
+    def _with_bos(
+        self, ids: list[int], mask: list[int], rendered: str = ""
+    ) -> tuple[list[int], list[int]]:
+        """Puts the BOS in front unless ``ids`` or the chat-``rendered`` text start with it."""
+        if self.bos is None or (ids and ids[0] == self.bos):
+            return ids, mask
+        template = self.template
+        bos_text = template.bos_token if isinstance(template, JinjaChatTemplate) else ""
+        if rendered and bos_text and rendered.startswith(bos_text):
+            return ids, mask
+        return [self.bos, *ids], [0, *mask]
 
     def _with_eos(self, ids: list[int], chat: bool) -> list[int]:
-        if not self.config.add_eos:
+        if not self.add_eos:
             return ids
         if (chat and self.eos in ids) or (ids and ids[-1] == self.eos):
             return ids
@@ -330,12 +367,6 @@ class _Encoder:
             return prompt_ids, mask, outs
         template = self._template(source, "prompt")
         try:
-            if train_prompt:
-                prompt_ids, mask = [], []
-                for text, trained in conversation_segments(template, prompt):
-                    piece = self.tok.encode(text)
-                    prompt_ids += piece
-                    mask += [int(trained)] * len(piece)
             texts = []
             for response in responses:
                 turns: tuple[Message, ...] = (
@@ -343,12 +374,19 @@ class _Encoder:
                 )
                 prompt_text, response_text = split_prompt_response(template, prompt, turns)
                 texts.append(response_text)
+            prompt_ids: list[int] = []
+            mask: list[int] = []
+            if train_prompt:
+                for text, trained in conversation_segments(template, prompt):
+                    piece = self.tok.encode(text)
+                    prompt_ids += piece
+                    mask += [int(trained)] * len(piece)
         except ChatTemplateError as exc:
             raise DataError(source.path, source.line, "prompt", str(exc)) from None
         if not train_prompt:
             prompt_ids = self.tok.encode(prompt_text)
             mask = [0] * len(prompt_ids)
-        prompt_ids, mask = self._with_bos(prompt_ids, mask)
+        prompt_ids, mask = self._with_bos(prompt_ids, mask, prompt_text)
         outs = []
         for text in texts:
             if not text:
@@ -357,6 +395,28 @@ class _Encoder:
                 )
             outs.append(self._with_eos(self.tok.encode(text), chat=True))
         return prompt_ids, mask, outs
+
+    def encode_prompt(self, prompt: Text, source: Source, chat_template: bool | None) -> list[int]:
+        """Token ids of a prompt to generate from (see :func:`tokenize_prompt`)."""
+        use_template = chat_template if chat_template is not None else self.template is not None
+        if isinstance(prompt, str) and not use_template:
+            ids = self.tok.encode(prompt)
+            return self._with_bos(ids, [0] * len(ids))[0]
+        if self.template is None:
+            what = "chat_template=true needs" if isinstance(prompt, str) else "chat messages need"
+            raise DataError(
+                source.path,
+                source.line,
+                "prompt",
+                f"{what} a chat template; the tokenizer has none",
+            )
+        messages = (Message("user", prompt),) if isinstance(prompt, str) else prompt
+        try:
+            text = self.template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise DataError(source.path, source.line, "prompt", str(exc)) from None
+        ids = self.tok.encode(text)
+        return self._with_bos(ids, [0] * len(ids), text)[0]
 
 
 def _array(ids: Sequence[int]) -> np.ndarray:
@@ -393,7 +453,7 @@ def tokenize_record(
     Raises:
         DataError: When chat records have no template, or the template cannot be split.
     """
-    enc = _Encoder(tokenizer, config, chat_template)
+    enc = _Encoder(tokenizer, chat_template, add_bos=config.add_bos, add_eos=config.add_eos)
     train_prompt = isinstance(record, SFTRecord) and config.train_on_all_assistant_turns
     if isinstance(record, PreferenceRecord):
         responses: list[Text] = [record.chosen, record.rejected]
@@ -406,7 +466,9 @@ def tokenize_record(
     fit = fit_lengths(len(prompt_ids), [len(o) for o in outs], config)
     if fit.drop_kind is not None:
         return Tokenized(None, record.source, drop_kind=fit.drop_kind, drop_reason=fit.drop_reason)
-    has_bos = enc.bos is not None and bool(prompt_ids) and prompt_ids[0] == enc.bos
+    # A BOS in front stays in front when the prompt is truncated, whoever wrote it.
+    bos = tokenizer.bos_id
+    has_bos = bos is not None and bool(prompt_ids) and prompt_ids[0] == bos
     keep = fit.prompt_length
     prompt_ids = _cut_prompt(prompt_ids, keep, has_bos)
     mask = _cut_prompt(mask, keep, has_bos)
@@ -426,6 +488,43 @@ def tokenize_record(
         prompt_mask = np.asarray(mask, dtype=np.uint8) if any(mask) else None
         example = SFTExample(_array(prompt_ids), _array(outs[0]), prompt_mask)
     return Tokenized(example, record.source, fit.prompt_truncated, fit.response_truncated)
+
+
+def tokenize_prompt(
+    prompt: Text,
+    tokenizer: Tokenizer,
+    *,
+    chat_template: bool | None = None,
+    add_bos: bool | None = None,
+    template: ChatTemplate | None = None,
+    source: Source | None = None,
+) -> list[int]:
+    """Token ids of a prompt to generate from, ending where the model's answer begins.
+
+    Chat ``messages`` are rendered through the chat template with the generation prompt. A
+    plain string prompt is rendered the same way, as one user turn, when ``chat_template`` is
+    True, or None and there is a template (an instruct model answers the prompts it was tuned
+    on); with ``chat_template`` False it is tokenized as it is. The BOS follows the rule of
+    :func:`tokenize_record`: added when ``add_bos`` (None: the tokenizer's ``adds_bos``) says
+    so, and never twice.
+
+    Args:
+        prompt: Plain text or chat messages.
+        tokenizer: The tokenizer.
+        chat_template: Render plain text through the chat template (None: when there is one).
+        add_bos: Put the BOS in front (None: as the model was trained, ``tokenizer.adds_bos``).
+        template: The chat template; default the tokenizer's.
+        source: Where the prompt came from, for errors.
+
+    Returns:
+        The prompt's token ids.
+
+    Raises:
+        DataError: When the prompt needs a chat template and there is none, or the template
+            rejects the messages.
+    """
+    enc = _Encoder(tokenizer, template, add_bos=add_bos, add_eos=False)
+    return enc.encode_prompt(prompt, source or Source("<prompt>", 1), chat_template)
 
 
 @dataclass

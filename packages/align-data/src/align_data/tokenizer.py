@@ -19,7 +19,8 @@ __all__ = ["ByteTokenizer", "Tokenizer"]
 class Tokenizer(Protocol):
     """What align needs from a tokenizer.
 
-    ``encode`` never adds BOS/EOS by itself: tokenization adds them where the configuration asks.
+    ``encode`` never adds BOS/EOS by itself: tokenization adds them where the configuration asks
+    (by default a BOS where :attr:`adds_bos` says the model was trained with one).
     ``decode`` leaves out the BOS, EOS and pad ids.
     """
 
@@ -31,6 +32,16 @@ class Tokenizer(Protocol):
     @property
     def bos_id(self) -> int | None:
         """Beginning-of-sequence id, or None if the tokenizer has none."""
+        ...
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the model was trained with the BOS in front of plain text.
+
+        False when there is no BOS, and for tokenizers whose BOS token only opens chat turns
+        (SmolLM2's ``<|im_start|>``). Tokenization follows it unless told otherwise
+        (``TokenizeConfig.add_bos``).
+        """
         ...
 
     @property
@@ -87,6 +98,11 @@ class ByteTokenizer:
     def bos_id(self) -> int:
         """See :class:`Tokenizer`."""
         return self.BOS
+
+    @property
+    def adds_bos(self) -> bool:
+        """See :class:`Tokenizer`: always True."""
+        return True
 
     @property
     def eos_id(self) -> int:

@@ -1,11 +1,11 @@
 """``align generate``: answer every prompt of a JSONL file with one model (`generate_jsonl`).
 
 The tree is `align_cli.config.trees.generate_tree`: ``sampling_params.*``,
-``length_params.*``, ``micro_batch_size``, ``seq_length``, ``seed``, ``add_bos`` (align-core's
-`GenerateConfig`), the parallel layout and architecture keys under ``model.``, and
-``trainer.devices``/``trainer.num_nodes``. One process generates here; with several, torchrun
-workers read the configuration from a temporary directory next to the output file, removed at
-the end.
+``length_params.*``, ``micro_batch_size``, ``seq_length``, ``seed``, ``add_bos``,
+``chat_template`` (align-core's `GenerateConfig`), the parallel layout and architecture keys
+under ``model.``, and ``trainer.devices``/``trainer.num_nodes``. One process generates here;
+with several, torchrun workers read the configuration from a temporary directory next to the
+output file, removed at the end.
 """
 
 from __future__ import annotations

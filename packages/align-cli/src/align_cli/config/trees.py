@@ -323,6 +323,7 @@ _GENERATE_OWN = (
     "seq_length",
     "seed",
     "add_bos",
+    "chat_template",
 )
 
 
