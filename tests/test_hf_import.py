@@ -145,3 +145,22 @@ def test_an_align_model_exports_to_transformers(dist_ctx, one_thread, hf_models,
         _transformers_logits(out, ids), want, rtol=0, atol=1e-5 * want.abs().max().item()
     )
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
+
+
+def test_hf_to_nemo_to_hf_through_the_cli_keeps_a_qwen2(tiny_dirs, tmp_path, align):
+    """A Qwen2 (q/k/v-only biases) survives `.nemo`: its config carries ``qkv_bias``."""
+    from safetensors.torch import load_file
+
+    source = tiny_dirs["qwen2"]
+    nemo = tmp_path / "qwen2.nemo"
+    align("ckpt", "export", str(source), "--format", "nemo", "--out", str(nemo), cwd=tmp_path)
+    back = tmp_path / "back"
+    align("ckpt", "export", str(nemo), "--format", "hf", "--out", str(back), cwd=tmp_path)
+    config = json.loads((back / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    before = load_file(str(source / "model.safetensors"))
+    after = load_file(str(back / "model.safetensors"))
+    assert set(after) == set(before)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert (back / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

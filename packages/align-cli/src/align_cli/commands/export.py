@@ -169,5 +169,5 @@ def _write(model: Any, model_config: Any, target: Path, fmt: str, origin: str | 
 
         if isinstance(ckpt, HFCheckpoint):
             return Path(save_hf(model, target, model_config, source=ckpt))
-        # A .nemo's or align's own tokenizer has no Hugging Face files to copy.
-        return Path(save_hf(model, target, model_config))
+        spec = None if ckpt is None else ckpt.tokenizer
+        return Path(save_hf(model, target, model_config, tokenizer=spec))

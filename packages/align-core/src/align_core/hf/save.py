@@ -138,7 +138,11 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 def _copy_tokenizer(
     staging: Path, source: HFCheckpoint | None, tokenizer: TokenizerSpec | None
 ) -> None:
-    """Tokenizer files: the source directory's, else a Hugging Face ``tokenizer.json`` spec's."""
+    """Tokenizer files: the source directory's, else a Hugging Face ``tokenizer.json`` spec's.
+
+    A `.nemo` holds only the ``tokenizer.json`` of a Hugging Face tokenizer (no
+    ``tokenizer_config.json`` or chat template), so only that file is written for one.
+    """
     if source is not None:
         for name in TOKENIZER_FILES:
             if (source.source / name).is_file():
@@ -150,10 +154,12 @@ def _copy_tokenizer(
         (staging / "tokenizer.json").write_bytes(tokenizer.contents["model"])
         return
     model = Path(tokenizer.model)
-    directory = model if model.is_dir() else model.parent
-    for name in TOKENIZER_FILES:
-        if (directory / name).is_file():
-            shutil.copyfile(directory / name, staging / name)
+    if model.is_dir():
+        for name in TOKENIZER_FILES:
+            if (model / name).is_file():
+                shutil.copyfile(model / name, staging / name)
+    elif model.suffix == ".json":  # a .nemo artifact is named <uuid>_tokenizer.json
+        shutil.copyfile(model, staging / "tokenizer.json")
 
 
 def _generation_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def export_final_hf(model: Any, run_dir: str | Path, source: ModelSource) -> str
     """Write ``model`` to ``run_dir/final_hf/``, a Hugging Face directory (collective).
 
     A model restored from a Hugging Face directory keeps its ``config.json`` (architecture and
-    values), dtype and tokenizer files; any other is written as ``LlamaForCausalLM``.
+    values), dtype and tokenizer files; any other is written as ``LlamaForCausalLM`` (Qwen2/3
+    for their attention variants) with the ``tokenizer.json`` of a Hugging Face tokenizer.
 
     Args:
         model: This rank's model chunk (DDP-wrapped or not), LoRA adapters already merged.
@@ -92,7 +93,7 @@ def export_final_hf(model: Any, run_dir: str | Path, source: ModelSource) -> str
     if source.checkpoint_format == "hf":
         with open_hf(source.nemo_path) as origin:  # type: ignore[arg-type]
             return str(save_hf(model, path, source.model, source=origin))
-    return str(save_hf(model, path, source.model))
+    return str(save_hf(model, path, source.model, tokenizer=source.tokenizer_spec))
 
 
 def export_final(
