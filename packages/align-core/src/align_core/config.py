@@ -31,6 +31,17 @@ ACTIVATIONS: tuple[str, ...] = (
     "reglu",
     "squared-relu",
 )
+_POSITIVE_SIZES = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "seq_length",
+    "num_query_groups",
+    "kv_channels",
+    "make_vocab_size_divisible_by",
+)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,6 +117,12 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_SIZES:
+            value = getattr(self, name)
+            if value is None and name in ("num_query_groups", "kv_channels"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: {self.activation!r} is not one of {ACTIVATIONS}")
         if self.dtype not in _DTYPES:

@@ -30,7 +30,8 @@ import yaml
 from align_core.config import ModelConfig, padded_vocab_size
 from align_core.nemo.archive import extract_nemo
 from align_core.nemo.config_map import NemoGptConfig, unwrap_model_section
-from align_core.nemo.errors import NemoFormatError
+from align_core.nemo.errors import NemoFormatError, UnsupportedNemoConfigError
+from align_core.nemo.shapes import check_weight_shapes, stored_shapes
 from align_core.nemo.tokenizer import TokenizerSpec, tokenizer_from_nemo
 from align_core.nemo.weights import (
     WeightsLayout,
@@ -141,12 +142,19 @@ def _describe(source: Path, root: Path, vocab_size: int | None) -> NemoCheckpoin
         rows = padded_vocab_size(
             vocab_size, nemo.make_vocab_size_divisible_by, nemo.tensor_model_parallel_size
         )
+    try:
+        model_config = nemo.to_model_config(rows)
+    except UnsupportedNemoConfigError:
+        raise
+    except ValueError as exc:
+        raise NemoFormatError(f"{origin}: {CONFIG_FILE}: {exc}") from exc
+    check_weight_shapes(model_config, stored_shapes(weights, origin=origin), origin=origin)
     return NemoCheckpoint(
         source=source,
         root=root,
         config=config,
         nemo=nemo,
-        model_config=nemo.to_model_config(rows),
+        model_config=model_config,
         tokenizer=tokenizer,
         weights=weights,
     )
