@@ -164,3 +164,28 @@ def test_hf_to_nemo_to_hf_through_the_cli_keeps_a_qwen2(tiny_dirs, tmp_path, ali
     assert set(after) == set(before)
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
     assert (back / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_logits_equal_transformers(tiny_dirs, ids, tmp_path):
+    """TP=2 (one group of key/value heads per rank) gives transformers' logits (2 processes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    torch.save(ids, tmp_path / "ids.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    script = Path(__file__).parent / "hf_scripts" / "logits.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={port}", str(script), str(tiny_dirs["qwen2"]), str(tmp_path), "tp2"],
+        capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    want = _transformers_logits(tiny_dirs["qwen2"], ids)
+    got = torch.load(tmp_path / "tp2.pt", weights_only=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
