@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply_cpu_shims", "cpu_shims_applied"]
+__all__ = ["apply_cpu_shims", "cpu_shims_applied", "tensor_cuda_is_identity"]
 
 _APPLIED = False
 
@@ -120,6 +120,26 @@ def _install_cpu_rng_tracker() -> None:
     # (activation recompute saves and restores it around the recomputed forward).
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity() -> Iterator[None]:
+    """Within the block, ``Tensor.cuda()`` returns the tensor itself when the CPU shims apply.
+
+    upstream: ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied output weight
+    of a pipeline's last stage to CUDA (``weight.data.cuda()``) before all-reducing it with the
+    first stage's embedding; `align_core.model.build_gpt_model` builds the model inside this
+    block. Outside it (and with CUDA) ``Tensor.cuda`` is untouched.
+    """
+    if not _APPLIED:
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
 def cpu_shims_applied() -> bool:

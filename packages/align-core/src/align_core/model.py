@@ -16,6 +16,7 @@ import math
 import torch
 
 from align_core.config import ModelConfig, ParallelConfig, padded_vocab_size, to_transformer_config
+from align_core.cpu_shims import tensor_cuda_is_identity
 
 __all__ = ["build_gpt_model", "llama3_scaled_inv_freq", "te_available", "unwrap_model"]
 
@@ -164,23 +165,23 @@ def build_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage()
     use_te = te_available() if use_te is None else use_te
     config = to_transformer_config(model, parallel)
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=_layer_spec(model, use_te),
-        vocab_size=padded_vocab_size(
-            model.vocab_size,
-            model.make_vocab_size_divisible_by,
-            parallel.tensor_model_parallel_size,
-        ),
-        max_sequence_length=model.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type,
-        rotary_percent=model.rotary_percent,
-        rotary_base=_rotary_base(model.rotary_base),
+    vocab_size = padded_vocab_size(
+        model.vocab_size, model.make_vocab_size_divisible_by, parallel.tensor_model_parallel_size
     )
+    with tensor_cuda_is_identity():  # tied embeddings on a pipeline's last stage, on CPU
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=_layer_spec(model, use_te),
+            vocab_size=vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+            position_embedding_type=model.position_embedding_type,
+            rotary_percent=model.rotary_percent,
+            rotary_base=_rotary_base(model.rotary_base),
+        )
     _scale_rope(gpt, model)
     if device is None:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
