@@ -16,7 +16,6 @@ from align_core import (
     build_gpt_model,
     build_optimizer,
     seed_all,
-    train_step,
     wrap_ddp,
 )
 
@@ -33,10 +32,7 @@ def _trainable(seed):
 
 def _step(model, optimizer, data_seed):
     tokens, labels = c.data(seed=data_seed)
-    result = train_step(
-        model, optimizer, c.micro_batches(tokens, labels, 2), c.forward(), c.loss_fn, lr=1e-3
-    )
-    return float(sum(o["loss"] for o in result.outputs))
+    return c.train_step(model, optimizer, c.micro_batches(tokens, labels, 2))["loss"]
 
 
 def _params(model):

@@ -1,5 +1,7 @@
 import functools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +15,11 @@ from align_core import (
     forward_token_logps,
     learning_rate,
     seed_all,
-    train_step,
     wrap_ddp,
 )
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+import _common as c
 
 FORWARD = functools.partial(forward_token_logps, vocab_size=256)
 
@@ -70,8 +74,8 @@ def test_optimizer_needs_ddp(dist_ctx):
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])
 def test_step_matches_torch_adamw_with_clipping(dist_ctx, clip):
-    """One megatron Adam step == torch AdamW on the same gradients (clipped by the global norm),
-    with weight decay on matrices only."""
+    """One megatron Adam step of the production trainer == torch AdamW on the same gradients
+    (clipped by the global norm), with weight decay on matrices only."""
     cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
     seed_all(31)
     model = wrap_ddp(build_gpt_model(ModelConfig()))
@@ -97,8 +101,48 @@ def test_step_matches_torch_adamw_with_clipping(dist_ctx, clip):
     )
     reference.step()
 
-    result = train_step(model, optimizer, _batch(), FORWARD, _loss, lr=cfg.lr)
-    assert result.update_successful
-    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+    metrics = c.train_step(model, optimizer, _batch(), global_batch_size=2, lr=cfg.lr, clip=clip)
+    assert metrics["skipped_steps"] == 0
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     for (name, p), q in zip(model.module.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_config_asks_for_fp32_master_weights_gradients_and_moments():
+    from align_core import to_transformer_config
+    from align_core.optim import megatron_optimizer_config
+
+    model = to_transformer_config(ModelConfig(dtype="bf16"))
+    cfg = megatron_optimizer_config(
+        model, OptimizerConfig(), clip_grad=1.0, use_distributed_optimizer=True
+    )
+    assert cfg.bf16 and not cfg.fp16 and cfg.params_dtype == torch.bfloat16
+    assert cfg.loss_scale is None and not cfg.use_precision_aware_optimizer
+    assert cfg.use_distributed_optimizer and cfg.clip_grad == 1.0
+    dtypes = (cfg.main_params_dtype, cfg.main_grads_dtype, cfg.exp_avg_dtype, cfg.exp_avg_sq_dtype)
+    assert dtypes == (torch.float32,) * 4
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_bf16_model_trains_fp32_master_weights(dist_ctx, distributed):
+    from megatron.core.optimizer import DistributedOptimizer, Float16OptimizerWithFloat16Params
+
+    from align_core import DDPConfig
+
+    seed_all(3)
+    model = wrap_ddp(
+        build_gpt_model(ModelConfig(dtype="bf16")),
+        DDPConfig(use_distributed_optimizer=distributed),
+    )
+    optimizer = build_optimizer(model, OptimizerConfig(), clip_grad=1.0)
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    if distributed:
+        assert all(isinstance(o, DistributedOptimizer) for o in inners)
+        mains = [p for o in inners for g in o.shard_fp32_from_float16_groups for p in g]
+    else:
+        assert all(isinstance(o, Float16OptimizerWithFloat16Params) for o in inners)
+        mains = [p for o in inners for g in o.fp32_from_float16_groups for p in g]
+    assert len(mains) == len(list(model.parameters()))
+    assert all(p.dtype == torch.float32 for p in mains)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(p.main_grad.dtype == torch.float32 for p in model.parameters())

@@ -9,6 +9,7 @@ from align_core.config import (
     torch_dtype,
 )
 from align_core.cpu_shims import apply_cpu_shims, cpu_shims_applied
+from align_core.device import module_device, to_device
 from align_core.logprobs import (
     LogProbConfig,
     causal_attention_mask,
@@ -40,7 +41,7 @@ from align_core.schedule import (
     concat_outputs,
     forward_backward,
 )
-from align_core.training import DDPConfig, StepResult, train_step, wrap_ddp
+from align_core.training import DDPConfig, wrap_ddp
 
 __all__ = [
     "Checkpointer",
@@ -54,7 +55,6 @@ __all__ = [
     "OptimizerConfig",
     "ParallelConfig",
     "SchedulerConfig",
-    "StepResult",
     "apply_cpu_shims",
     "broadcast_from_last_stage",
     "build_gpt_model",
@@ -70,17 +70,18 @@ __all__ = [
     "free_port",
     "init_distributed",
     "learning_rate",
+    "module_device",
     "output_weight",
     "padded_vocab_size",
     "restore_rng_state",
     "seed_all",
     "set_learning_rate",
     "te_available",
+    "to_device",
     "to_transformer_config",
     "token_logps_from_hidden",
     "token_logps_from_logits",
     "torch_dtype",
-    "train_step",
     "unwrap_model",
     "wrap_ddp",
 ]

@@ -22,7 +22,9 @@ initialised model it is not, so callers should pass ``vocab_size``.
 Batches are mappings with ``tokens [B, S]`` (int), ``labels [B, S]`` (int, aligned with the
 positions: ``labels[:, t]`` is the token predicted at position ``t``, ``-100`` where not scored),
 ``position_ids [B, S]`` (optional: ``0..S-1``) and ``attention_mask`` (optional: bool,
-``[1 or B, 1, S, S]``, True = masked; default causal).
+``[1 or B, 1, S, S]``, True = masked; default causal). They may be host tensors: the forward
+functions move what they use to the model's device (`align_core.device.to_device`, a no-op for
+the batches `align_core.schedule.forward_backward` has already moved).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from align_core.device import module_device, to_device
 from align_core.model import unwrap_model
 
 __all__ = [
@@ -130,6 +133,14 @@ def _post_process_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
         gpt.post_process = saved
 
 
+_INPUT_KEYS = ("tokens", "position_ids", "attention_mask", "labels")
+
+
+def _on_model_device(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The forward's inputs of ``batch`` on the model's device (the rest is not copied)."""
+    return to_device({k: batch[k] for k in _INPUT_KEYS if k in batch}, module_device(model))
+
+
 def _inputs(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     tokens = batch["tokens"]
     seq = tokens.shape[-1]
@@ -153,7 +164,7 @@ def final_hidden_states(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> 
         ``[S, B, H]`` hidden states (sequence-parallel shard ``[S / TP, B, H]`` when the model
         uses sequence parallelism).
     """
-    tokens, position_ids, mask = _inputs(batch)
+    tokens, position_ids, mask = _inputs(_on_model_device(model, batch))
     with _post_process_bypassed(unwrap_model(model)):
         return model(tokens, position_ids, mask)
 
@@ -275,6 +286,7 @@ def forward_token_logps(
         stage's output activations ``[S, B, H]`` (which the pipeline schedule sends on).
     """
     gpt = unwrap_model(model)
+    batch = _on_model_device(model, batch)
     tokens, position_ids, mask = _inputs(batch)
     if not gpt.post_process:
         return model(tokens, position_ids, mask)

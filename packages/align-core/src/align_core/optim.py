@@ -1,8 +1,12 @@
 """Optimizer (megatron's, distributed optimizer included) and learning-rate schedules.
 
 `build_optimizer` wraps `megatron.core.optimizer.get_megatron_optimizer` for Adam(W) with
-gradient clipping by the global norm; precision follows the model (fp32 on CPU, bf16 with fp32
-master weights on GPU, fp16 with dynamic loss scaling). Weight decay skips biases and norms
+gradient clipping by the global norm; precision follows the model (`megatron_optimizer_config`):
+fp32 models get megatron's ``FP32Optimizer``; bf16 models ``Float16OptimizerWithFloat16Params``
+(or, wrapped with ``DDPConfig(use_distributed_optimizer=True)``, the ``DistributedOptimizer``)
+with fp32 master weights, fp32 gradients and fp32 Adam moments, and no loss scaling; fp16 models
+the same with dynamic loss scaling. On GPU the inner Adam is Transformer Engine's (or Apex's)
+fused Adam when installed, torch's AdamW otherwise. Weight decay skips biases and norms
 (megatron's default parameter groups).
 
 The learning-rate schedule is a pure function of the optimizer step (`learning_rate`), so its
@@ -26,6 +30,7 @@ __all__ = [
     "SchedulerConfig",
     "build_optimizer",
     "learning_rate",
+    "megatron_optimizer_config",
     "set_learning_rate",
 ]
 
@@ -117,6 +122,55 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
+def megatron_optimizer_config(
+    model_config: Any,
+    config: OptimizerConfig,
+    *,
+    clip_grad: float,
+    use_distributed_optimizer: bool,
+) -> Any:
+    """The megatron ``OptimizerConfig`` for a model: Adam(W), precision from the model.
+
+    bf16/fp16 models train fp32 master weights (``main_params_dtype``) from fp32 gradients
+    (``main_grads_dtype``, which `align_core.training.DDPConfig.grad_reduce_in_fp32` accumulates)
+    with fp32 Adam moments; megatron's precision-aware optimizer (moments or master weights in
+    lower precision) stays off. fp16 gets dynamic loss scaling unless ``config.loss_scale``.
+
+    Args:
+        model_config: The model's megatron ``TransformerConfig`` (``bf16``, ``fp16``,
+            ``params_dtype``).
+        config: Adam settings.
+        clip_grad: Clip the global gradient norm to this (<= 0 disables clipping).
+        use_distributed_optimizer: Shard optimizer state over data-parallel ranks (the DDP
+            wrapper's setting).
+
+    Returns:
+        A ``megatron.core.optimizer.OptimizerConfig``.
+    """
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+
+    return MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=config.lr,
+        min_lr=0.0,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.betas[0],
+        adam_beta2=config.betas[1],
+        adam_eps=config.eps,
+        bf16=model_config.bf16,
+        fp16=model_config.fp16,
+        params_dtype=model_config.params_dtype,
+        main_params_dtype=torch.float32,
+        main_grads_dtype=torch.float32,
+        exp_avg_dtype=torch.float32,
+        exp_avg_sq_dtype=torch.float32,
+        use_precision_aware_optimizer=False,
+        loss_scale=config.loss_scale,
+        use_distributed_optimizer=use_distributed_optimizer,
+        clip_grad=max(clip_grad, 0.0),
+    )
+
+
 def build_optimizer(
     model_chunks: torch.nn.Module | Sequence[torch.nn.Module],
     config: OptimizerConfig,
@@ -139,27 +193,17 @@ def build_optimizer(
         ``(update_successful, grad_norm, num_zeros)``.
     """
     from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
     chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
     if not all(isinstance(c, DistributedDataParallel) for c in chunks):
         raise TypeError("build_optimizer needs DDP-wrapped chunks (align_core.training.wrap_ddp)")
     model_config = unwrap_model(chunks[0]).config
-    megatron_config = MegatronOptimizerConfig(
-        optimizer="adam",
-        lr=config.lr,
-        min_lr=0.0,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.betas[0],
-        adam_beta2=config.betas[1],
-        adam_eps=config.eps,
-        bf16=model_config.bf16,
-        fp16=model_config.fp16,
-        params_dtype=model_config.params_dtype,
-        loss_scale=config.loss_scale,
+    megatron_config = megatron_optimizer_config(
+        model_config,
+        config,
+        clip_grad=clip_grad,
         use_distributed_optimizer=chunks[0].ddp_config.use_distributed_optimizer,
-        clip_grad=max(clip_grad, 0.0),
     )
     optimizer = get_megatron_optimizer(megatron_config, chunks)
     # megatron marks biases and norms with wd_mult = 0 but leaves applying it to its own LR

@@ -19,7 +19,9 @@ stages.
 Data. Every rank of a pipeline and of a tensor-parallel group gets the same list of
 micro-batches (they are small; only the first stage reads the tokens and only the last the
 labels). With PP > 1 all micro-batches must have the same ``[B, S]`` shape (activations are
-exchanged with fixed shapes).
+exchanged with fixed shapes). Micro-batches may live on the host: each is moved to the model's
+device (`align_core.device.to_device`) just before its forward, so ``forward_fn`` and ``loss_fn``
+always see device tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from align_core.device import module_device, to_device
 from align_core.model import unwrap_model
 
 __all__ = [
@@ -81,12 +84,14 @@ def forward_backward(
 
     Gradients accumulate into the parameters (``main_grad`` under megatron DDP, ``grad``
     otherwise); with DDP the data-parallel reduction runs at the end (``finalize_model_grads``).
-    Zeroing gradients and stepping the optimizer are the caller's (see `align_core.training`).
+    Zeroing gradients and stepping the optimizer are the caller's
+    (`align_core.trainer.loop.Trainer`).
 
     Args:
         model: This rank's model chunk (or a one-element list of it), DDP-wrapped for training
             with data parallelism.
-        micro_batches: The micro-batches of one step (gradient accumulation = their number).
+        micro_batches: The micro-batches of one step (gradient accumulation = their number), on
+            the host or on the model's device (each is moved there before its forward).
         forward_fn: ``(model, batch) -> output``, e.g. a `functools.partial` of
             `align_core.logprobs.forward_token_logps`.
         loss_fn: ``(batch, output) -> (loss, metrics)`` under the contract in the module
@@ -110,9 +115,10 @@ def forward_backward(
     # Undo megatron's `loss /= num_microbatches`, `loss *= cp_size` and DDP's gradient mean.
     scale = num_micro * grad_reduction_divisor(chunk) / _context_parallel_size(chunk)
     batch_size, seq_length = micro_batches[0]["tokens"].shape
+    device = module_device(chunk)
 
     def step(data: Iterator[Batch], module: torch.nn.Module):
-        batch = next(data)
+        batch = to_device(next(data), device)
         output = forward_fn(module, batch)
         return output, functools.partial(_megatron_loss, loss_fn, scale, batch)
 

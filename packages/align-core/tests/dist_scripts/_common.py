@@ -1,4 +1,5 @@
-"""Helpers shared by the subprocess scripts (imported lazily inside their `main`)."""
+"""Helpers shared by the subprocess scripts (imported lazily inside their `main`) and by the
+tests that load this module by path."""
 
 from __future__ import annotations
 
@@ -38,3 +39,77 @@ def forward(**kwargs):
     from align_core import forward_token_logps
 
     return functools.partial(forward_token_logps, vocab_size=VOCAB, **kwargs)
+
+
+# ------------------------------------------------------------------ the production trainer
+
+
+def _summed_logp_loss(normalizer, batch, logps):
+    return -logps.sum() / normalizer, {}
+
+
+class SummedLogpStep:
+    """`loss_fn`'s objective (−Σ log-probs / global examples) as an algorithm step of the
+    production `align_core.trainer.loop.Trainer`."""
+
+    name = "summed_logp"
+    needs_reference = False
+    ref_shape = 0
+
+    def normalizer(self, micro_batches, global_examples):
+        return torch.tensor(float(global_examples), device=micro_batches[0]["tokens"].device)
+
+    def loss_fn(self, normalizer):
+        return functools.partial(_summed_logp_loss, normalizer)
+
+    def finalize_metrics(self, sums):
+        return {"loss": sums["loss"]}
+
+
+class Steps:
+    """A trainer batch source: step ``k`` gets the micro-batches ``steps[k]`` (this rank's)."""
+
+    def __init__(self, steps, global_batch_size: int = GLOBAL_BATCH) -> None:
+        self.steps = steps
+        self.global_batch_size = global_batch_size
+        self.train_samples = global_batch_size * len(steps)
+        self.num_val_batches = 0
+
+    def train_micro_batches(self, consumed_samples: int):
+        batches = self.steps[consumed_samples // self.global_batch_size]
+        return [
+            {**mb, "lengths": torch.full((mb["tokens"].shape[0],), mb["tokens"].shape[1])}
+            for mb in batches
+        ]
+
+    def val_micro_batches(self, index: int):
+        raise IndexError(index)
+
+
+def trainer(model, optimizer, steps, *, global_batch_size=GLOBAL_BATCH, lr=1e-3, clip=1.0):
+    """The `Trainer` runs use, over ``steps`` (a list of per-step micro-batch lists)."""
+    from align_core import module_device
+    from align_core.trainer import TrainerConfig
+    from align_core.trainer.loop import ParallelGroups, Trainer
+
+    return Trainer(
+        config=TrainerConfig(
+            max_steps=len(steps), val_check_interval=0, save_interval=0, gradient_clip_val=clip
+        ),
+        algorithm=SummedLogpStep(),
+        model=model,
+        optimizer=optimizer,
+        data=Steps(steps, global_batch_size),
+        forward_fn=forward(),
+        learning_rate=lambda step: lr,
+        groups=ParallelGroups.from_megatron(module_device(model)),
+    )
+
+
+def train_step(model, optimizer, batches, **kwargs) -> dict[str, float]:
+    """One optimizer step of the production trainer on ``batches`` (this rank's micro-batches).
+
+    Returns the trainer's metrics: ``loss`` (the global-batch objective, summed over
+    data-parallel ranks), ``grad_norm`` (before clipping), ``skipped_steps``, ...
+    """
+    return trainer(model, optimizer, [batches], **kwargs).train_step()

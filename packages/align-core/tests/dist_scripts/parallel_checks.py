@@ -12,9 +12,10 @@ The same two processes re-initialise megatron's parallel state for each layout:
    (broadcast to both stages) and the gradients of both stages equal the reference; a
    ``forward_only`` pass gives the same log-probs.
 3. DP=2 (megatron DDP): each rank half of the batch, two micro-batches each; the reduced
-   gradients equal the reference. One distributed-optimizer step equals torch AdamW on the
-   reference gradients. A distributed-optimizer run saved at step 2 and resumed in fresh
-   objects gives the uninterrupted step-3 loss.
+   gradients equal the reference. One distributed-optimizer step of the production trainer
+   (`align_core.trainer.loop.Trainer`, as runs build it) equals torch AdamW on the reference
+   gradients. A distributed-optimizer run saved at step 2 (with the trainer's state) and
+   resumed in a fresh trainer, model and optimizer gives the uninterrupted step-3 loss.
 4. TP=1: the TP=2 checkpoint from 1 gives the TP=2 model's logits.
 
 Every rank compares; rank 0 writes ``WORKDIR/results.json``: ``{check: {"ok", "detail"}}``
@@ -55,7 +56,6 @@ def main() -> None:
         forward_backward,
         init_distributed,
         seed_all,
-        train_step,
         unwrap_model,
         wrap_ddp,
     )
@@ -180,7 +180,7 @@ def main() -> None:
     model = wrap_ddp(build_gpt_model(cfg), DDPConfig(use_distributed_optimizer=True))
     ref_ckpt.load(model)
     optimizer = build_optimizer(model, opt_cfg, clip_grad=0.0)
-    train_step(model, optimizer, mine, c.forward(), c.loss_fn, lr=opt_cfg.lr)
+    c.train_step(model, optimizer, mine, lr=opt_cfg.lr, clip=0.0)
     params = list(reference.parameters())
     adamw = torch.optim.AdamW(
         [
@@ -199,23 +199,25 @@ def main() -> None:
             "dp2_distributed_optimizer_step", p.detach(), expected[name].detach(), 1e-5, 1e-5, name
         )
 
-    def step_loss(m, opt, data_seed: int) -> float:
+    def rank_batches(data_seed: int):
         t, lab = c.data(seed=data_seed)
-        batches = c.micro_batches(t[half], lab[half], 1)
-        out = train_step(m, opt, batches, c.forward(), c.loss_fn, lr=1e-3).outputs
-        total = torch.stack([o["loss"] for o in out]).sum().reshape(1)
-        dist.all_reduce(total)
-        return float(total)
+        return c.micro_batches(t[half], lab[half], 1)
 
-    train_step(model, optimizer, mine, c.forward(), c.loss_fn, lr=1e-3)  # step 2
+    # Steps 2 and 3 of one trainer; the trainer's loss is summed over data-parallel ranks.
+    run = c.trainer(model, optimizer, [mine, mine, rank_batches(3)], clip=0.0)
+    run.state.step, run.state.consumed_samples = 1, c.GLOBAL_BATCH  # step 1 was done above
+    run.train_step()  # step 2
     dopt_ckpt = Checkpointer(workdir / "dopt", keep_last=1)
-    dopt_ckpt.save(2, model, optimizer, trainer_state={"step": 2})
-    uninterrupted = step_loss(model, optimizer, 3)
+    dopt_ckpt.save(2, model, optimizer, trainer_state=run.state_dict())
+    uninterrupted = run.train_step()["loss"]
     seed_all(4321)
     fresh = wrap_ddp(build_gpt_model(cfg), DDPConfig(use_distributed_optimizer=True))
     fresh_opt = build_optimizer(fresh, opt_cfg, clip_grad=0.0)
     info = dopt_ckpt.load(fresh, fresh_opt)
-    resumed = step_loss(fresh, fresh_opt, 3)
+    resumed_run = c.trainer(fresh, fresh_opt, [mine, mine, rank_batches(3)], clip=0.0)
+    if info is not None:
+        resumed_run.load_state_dict(info.trainer_state)
+    resumed = resumed_run.train_step()["loss"]
     if info is None or info.step != 2 or resumed != uninterrupted:
         results.setdefault("dp2_distributed_optimizer_resume", []).append(
             f"resumed loss {resumed!r} != uninterrupted {uninterrupted!r} (info {info})"

@@ -1,5 +1,6 @@
-"""Train two steps in one process, checkpointing after each; die (SIGKILL) while publishing
-the second checkpoint, after its files are written and before the rename.
+"""Train two steps in one process (the production trainer), checkpointing after each; die
+(SIGKILL) while publishing the second checkpoint, after its files are written and before the
+rename.
 
 Usage: python train_and_crash.py CKPT_DIR RESULT_JSON
 Writes the loss of every step to RESULT_JSON before the fatal save.
@@ -28,7 +29,6 @@ def main() -> None:
         build_optimizer,
         init_distributed,
         seed_all,
-        train_step,
         wrap_ddp,
     )
     from align_core import checkpoint as checkpoint_module
@@ -42,10 +42,8 @@ def main() -> None:
     losses = []
     for step in (1, 2):
         tokens, labels = c.data(seed=step)
-        result = train_step(
-            model, optimizer, c.micro_batches(tokens, labels, 2), c.forward(), c.loss_fn, lr=1e-3
-        )
-        losses.append(float(sum(o["loss"] for o in result.outputs)))
+        metrics = c.train_step(model, optimizer, c.micro_batches(tokens, labels, 2))
+        losses.append(metrics["loss"])
         with open(result_path, "w") as f:
             json.dump({"losses": losses}, f)
         if step == 2:

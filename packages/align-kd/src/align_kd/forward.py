@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from align_core.device import module_device, to_device
 from align_core.logprobs import causal_attention_mask, tensor_parallel_group, vocab_shard_start
 from align_core.model import unwrap_model
 
@@ -22,7 +23,8 @@ __all__ = ["logits_forward", "tensor_group_of", "vocab_start_of"]
 def logits_forward(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Run one micro-batch: logits on the last pipeline stage, activations elsewhere.
 
-    Inputs are moved to the model's device first (batches are built on the CPU).
+    Inputs are moved to the model's device first (`align_core.device.to_device`; a no-op for
+    batches `align_core.schedule.forward_backward` has already moved).
 
     Args:
         model: This rank's model chunk (possibly DDP / Float16Module wrapped).
@@ -32,15 +34,19 @@ def logits_forward(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tenso
     Returns:
         ``[B, S, V_local]`` logits (last stage) or ``[S, B, H]`` activations.
     """
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device, non_blocking=True)
+    device = module_device(model)
+    inputs = to_device(
+        {k: batch[k] for k in ("tokens", "position_ids", "attention_mask") if k in batch}, device
+    )
+    tokens = inputs["tokens"]
     seq = tokens.shape[-1]
-    position_ids = batch.get("position_ids")
+    position_ids = inputs.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(seq, device=device).expand_as(tokens)
-    mask = batch.get("attention_mask")
-    mask = causal_attention_mask(seq, device) if mask is None else mask.to(device)
-    return model(tokens, position_ids.to(device, non_blocking=True), mask)
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = causal_attention_mask(seq, device)
+    return model(tokens, position_ids, mask)
 
 
 def tensor_group_of(model: torch.nn.Module) -> torch.distributed.ProcessGroup | None:

@@ -280,12 +280,14 @@ class KDStep:
         return kd_model_batch(collate_sft(examples, collate))  # type: ignore[arg-type]
 
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
-        """Labelled tokens of the global batch (all micro-batches, all data-parallel ranks)."""
+        """Labelled tokens of the global batch (all micro-batches, all data-parallel ranks).
+
+        Computed where the micro-batches are: the trainer has moved them to the model's device
+        (`align_core.device`), which is where NCCL needs the all-reduced count.
+        """
         tokens = torch.stack([(mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches])
         total = tokens.sum().double()
         if self.data_group is not None and self.data_group.size() > 1:
-            if dist.get_backend(self.data_group) == "nccl":
-                total = total.cuda()
             dist.all_reduce(total, group=self.data_group)
         return total.clamp(min=1.0).float()
 

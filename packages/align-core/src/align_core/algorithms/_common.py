@@ -33,6 +33,7 @@ __all__ = [
     "IGNORE_INDEX",
     "AlgorithmStep",
     "ModelBatch",
+    "batch_device",
     "pad_model_batch",
     "padded_model_batch",
     "padded_segment_ids",
@@ -72,7 +73,9 @@ class AlgorithmStep(Protocol):
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """The global-batch normaliser of the loss: examples, or tokens for token-mean losses.
 
-        Runs on every rank; may all-reduce (token counts) over the data-parallel group.
+        Runs on every rank; may all-reduce (token counts) over the data-parallel group. The
+        micro-batches are on the model's device (the trainer moves them first) and so is the
+        result (`batch_device`), as NCCL requires of what it reduces.
         """
         ...
 
@@ -83,6 +86,14 @@ class AlgorithmStep(Protocol):
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Turn metric sums reduced over the global batch into the logged metrics."""
         ...
+
+
+def batch_device(micro_batches: Sequence[ModelBatch]) -> torch.device:
+    """The device the micro-batches live on (their ``tokens``'); CPU when there are none.
+
+    Tensors an algorithm creates for a step (normalisers, counts it reduces) go there.
+    """
+    return micro_batches[0]["tokens"].device if micro_batches else torch.device("cpu")
 
 
 def upcast(t: Tensor) -> Tensor:

@@ -29,7 +29,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
+from align_core.algorithms._common import (
+    ModelBatch,
+    batch_device,
+    padded_model_batch,
+    segment_sums,
+    upcast,
+)
 from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import PreferenceBatch
@@ -211,7 +217,7 @@ class DPOStep:
 
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Pairs in the global batch (per-pair losses are averaged over the global batch)."""
-        return torch.tensor(float(global_examples))
+        return torch.tensor(float(global_examples), device=batch_device(micro_batches))
 
     def loss_fn(self, normalizer: Tensor) -> LossFn:
         """The micro-batch loss with ``normalizer`` bound."""

@@ -28,7 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
+from align_core.algorithms._common import (
+    ModelBatch,
+    batch_device,
+    padded_model_batch,
+    segment_sums,
+    upcast,
+)
 from align_core.schedule import LossFn
 from align_data.batches import KTOBatch
 from align_data.collate import CollateConfig, collate_kto
@@ -169,7 +175,7 @@ class KTOStep:
 
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Examples in the global batch."""
-        return torch.tensor(float(global_examples))
+        return torch.tensor(float(global_examples), device=batch_device(micro_batches))
 
     def loss_fn(self, normalizer: Tensor) -> LossFn:
         """The micro-batch loss with ``normalizer`` bound."""

@@ -11,7 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums, upcast
+from align_core.algorithms._common import (
+    ModelBatch,
+    batch_device,
+    padded_model_batch,
+    segment_sums,
+    upcast,
+)
 from align_core.algorithms._packed import packed_model_batch
 from align_core.schedule import LossFn
 from align_data.batches import SFTBatch
@@ -108,7 +114,7 @@ class SFTStep:
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Response tokens of the global batch (``token_mean``) or its examples."""
         if self.config.loss_reduction == "sequence_mean":
-            return torch.tensor(float(global_examples))
+            return torch.tensor(float(global_examples), device=batch_device(micro_batches))
         tokens = torch.stack([mb["seq_token_counts"].float().sum() for mb in micro_batches]).sum()
         if self.group is not None and self.group.size() > 1:
             dist.all_reduce(tokens, group=self.group)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, padded_model_batch, segment_sums
+from align_core.algorithms._common import ModelBatch, batch_device, padded_model_batch, segment_sums
 from align_core.algorithms.sft import SFTConfig, SFTStep, sft_loss_and_metrics, sft_model_batch
 from align_core.generation.config import LengthConfig, SamplingConfig
 from align_core.schedule import LossFn
@@ -272,7 +272,7 @@ class SPINStep:
     def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
         """Pairs in the global batch; for SFT validation batches, its response tokens."""
         if is_pair_batch(micro_batches[0]):
-            return torch.tensor(float(global_examples))
+            return torch.tensor(float(global_examples), device=batch_device(micro_batches))
         return SFTStep(_VALIDATION_SFT, group=self.group).normalizer(micro_batches, global_examples)
 
     def loss_fn(self, normalizer: Tensor) -> LossFn:

@@ -200,10 +200,7 @@ def merge_pipeline_stages(
 
 
 def _to_cpu(state: Mapping[str, object]) -> dict[str, object]:
-    return {
-        k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
-        for k, v in state.items()
-    }
+    return {k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def gather_state_dict(
@@ -217,7 +214,9 @@ def gather_state_dict(
     """Gather a model's local shards from all tensor and pipeline ranks into one full dict.
 
     Collective over ``tp_group`` then (on tensor rank 0 only) over ``pp_group``. Call it on
-    every rank of one data-parallel replica. Tensors travel as pickled CPU objects.
+    every rank of one data-parallel replica. Tensors travel as pickled CPU objects; a CPU
+    tensor that needs no merging is the model's own (not a copy), so write the result before
+    the model changes.
 
     Args:
         local: This rank's state dict (stage-local layer numbers, tensor shards).

@@ -6,12 +6,14 @@ validating and saving on schedule. One step over a global batch of
 
 1. zero the gradient buffers;
 2. reference log-probs of this rank's micro-batches (when the algorithm needs them);
-3. the global-batch normaliser (examples, or tokens for token-mean losses);
-4. forward/backward over the micro-batches (`align_core.schedule.forward_backward`);
-5. metric sums reduced over data parallel and sent from the last pipeline stage to every rank;
-6. gradient norm; a NaN/inf loss or gradient stops the run naming the step
+3. the micro-batches, reference log-probs included, move to the model's device
+   (`align_core.device.to_device`: pinned, non-blocking copies on CUDA);
+4. the global-batch normaliser (examples, or tokens for token-mean losses), on that device;
+5. forward/backward over the micro-batches (`align_core.schedule.forward_backward`);
+6. metric sums reduced over data parallel and sent from the last pipeline stage to every rank;
+7. gradient norm; a NaN/inf loss or gradient stops the run naming the step
    (``nonfinite="stop"``) or skips the update and counts it (``"skip"``);
-7. clipping and the optimizer update at the scheduled learning rate.
+8. clipping and the optimizer update at the scheduled learning rate.
 
 Step accounting follows NeMo-Aligner: ``steps_per_epoch = ⌊train_samples / global_batch⌋``
 (times ``limit_train_batches``), ``max_steps = steps_per_epoch × max_epochs`` capped by
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from align_core.algorithms._common import AlgorithmStep, ModelBatch, sum_metrics
+from align_core.device import module_device, to_device
 from align_core.reference import ReferencePolicy
 from align_core.schedule import ForwardFn, broadcast_from_last_stage, forward_backward
 from align_core.trainer.config import TrainerConfig
@@ -218,6 +221,10 @@ class Trainer:
     handed in: the model (DDP-wrapped chunk), the optimizer, the reference policy, the forward,
     the learning-rate schedule and a ``save`` callback that writes a checkpoint with the extra
     state it is given and returns its path.
+
+    Attributes:
+        device: The model's device; every micro-batch is moved there (`align_core.device`)
+            after the reference pass and before the normaliser and the forward.
     """
 
     def __init__(
@@ -248,6 +255,7 @@ class Trainer:
         self.learning_rate = learning_rate
         self.groups = groups
         self.reference = reference
+        self.device = module_device(model)
         self._save = save
         self.sinks = list(sinks) if groups.is_main else []
         self.stop = stop or StopRequest()
@@ -311,16 +319,22 @@ class Trainer:
         if g.is_last_stage:
             sums = sum_metrics(outputs)
             keys = sorted(sums) + sorted(extra)
-            vec = torch.tensor(
-                [float(sums[k]) for k in sorted(sums)] + [float(extra[k]) for k in sorted(extra)],
-                dtype=torch.float64,
-                device=g.device,
+            # One device-side stack and one copy to the collective device (no host sync per
+            # metric); the host values are read once, after the reductions.
+            parts = [sums[k].reshape(1).to(g.device, torch.float64) for k in sorted(sums)]
+            parts.append(
+                torch.tensor([float(extra[k]) for k in sorted(extra)], dtype=torch.float64).to(
+                    g.device
+                )
             )
+            vec = torch.cat(parts)
             if g.data is not None and g.data.size() > 1:
                 dist.all_reduce(vec, group=g.data)
             payload = {k: vec[i] for i, k in enumerate(keys)}
         received = broadcast_from_last_stage(payload, group=g.pipeline, device=g.device)
-        return {k: float(v) for k, v in received.items()}
+        keys = list(received)
+        values = torch.stack([received[k].reshape(()) for k in keys]).tolist() if keys else []
+        return dict(zip(keys, (float(v) for v in values), strict=True))
 
     def _stop_flags(self) -> tuple[bool, bool]:
         flags = torch.tensor(
@@ -342,7 +356,13 @@ class Trainer:
             mb["ref_logps"] = ref
 
     def _tokens(self, micro_batches: Sequence[ModelBatch]) -> float:
+        # Read from the host batches, before they move: no device synchronisation.
         return float(sum(int(mb["lengths"].sum()) for mb in micro_batches))
+
+    def _on_device(self, micro_batches: list[ModelBatch], split: str) -> list[ModelBatch]:
+        """Reference log-probs attached, then every tensor on the model's device."""
+        self._attach_reference(micro_batches, split)
+        return to_device(micro_batches, self.device)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics (on every rank).
@@ -353,14 +373,15 @@ class Trainer:
         start = time.perf_counter()
         step_number = self.state.step + 1
         micro_batches = self.data.train_micro_batches(self.state.consumed_samples)
+        tokens = self._tokens(micro_batches)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._attach_reference(micro_batches, "train")
+        micro_batches = self._on_device(micro_batches, "train")
         normalizer = self.algorithm.normalizer(micro_batches, self.data.global_batch_size)
         outputs = forward_backward(
             self.model, micro_batches, self.forward_fn, self.algorithm.loss_fn(normalizer)
         )
-        sums = self._reduce(outputs, {"tokens_processed": self._tokens(micro_batches)})
+        sums = self._reduce(outputs, {"tokens_processed": tokens})
         lr = self.learning_rate(self.state.step)
         from align_core.optim import set_learning_rate
 
@@ -412,8 +433,7 @@ class Trainer:
         self.model.eval()
         try:
             for index in range(self.plan.val_batches):
-                micro_batches = self.data.val_micro_batches(index)
-                self._attach_reference(micro_batches, "val")
+                micro_batches = self._on_device(self.data.val_micro_batches(index), "val")
                 normalizer = self.algorithm.normalizer(micro_batches, self.data.global_batch_size)
                 outputs.extend(
                     forward_backward(

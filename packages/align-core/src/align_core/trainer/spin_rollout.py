@@ -53,7 +53,6 @@ __all__ = [
     "decode_rows",
     "generation_seeds",
     "make_generator",
-    "optimizer_state_offloaded",
     "read_generations",
     "rollout",
     "write_generations",
@@ -320,56 +319,6 @@ class Opponent:
             if key not in out and isinstance(value, Tensor):
                 out[key] = value.detach().clone()
         return out
-
-
-# ---------------------------------------------------------------------------- optimizer offload
-
-
-@contextlib.contextmanager
-def optimizer_state_offloaded(
-    optimizer: Any, model: torch.nn.Module, *, enabled: bool = True
-) -> Iterator[None]:
-    """Move the optimizer's device state to host memory for the duration of the context.
-
-    Moves the Adam moments and the fp32 master weights (optimizer parameters that are not the
-    model's own parameters) of every (chained) megatron optimizer to CPU, and back to their
-    device on exit (also after an error). The model's parameters and gradient buffers stay.
-    A no-op without CUDA or with ``enabled=False``.
-
-    Args:
-        optimizer: A megatron optimizer (``ChainedOptimizer`` or a single one).
-        model: The model whose parameters must stay on the device.
-        enabled: Whether to offload at all.
-    """
-    if not enabled or not torch.cuda.is_available():
-        yield
-        return
-    keep = {id(p) for p in model.parameters()}
-    inners = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [])]
-    inners = inners or [getattr(optimizer, "optimizer", None)]
-    moved_state: list[tuple[dict[str, Any], str, torch.device]] = []
-    moved_params: list[tuple[Tensor, torch.device]] = []
-    for opt in (o for o in inners if o is not None):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if id(p) not in keep and p.is_cuda:
-                    moved_params.append((p, p.device))
-                    p.data = p.data.to("cpu", non_blocking=True)
-        for state in opt.state.values():
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.is_cuda:
-                    moved_state.append((state, key, value.device))
-                    state[key] = value.to("cpu", non_blocking=True)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    try:
-        yield
-    finally:
-        for p, device in moved_params:
-            p.data = p.data.to(device, non_blocking=True)
-        for state, key, device in moved_state:
-            state[key] = state[key].to(device, non_blocking=True)
-        torch.cuda.synchronize()
 
 
 # -------------------------------------------------------------------------- generations files

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from align_core.algorithms.spin import SPINStep
+from align_core.offload import optimizer_state_offloaded
 from align_core.trainer.build import (
     build_policy,
     load_datasets,
@@ -51,7 +52,6 @@ from align_core.trainer.spin_rollout import (
     decode_rows,
     generation_seeds,
     make_generator,
-    optimizer_state_offloaded,
     read_generations,
     rollout,
     write_generations,
