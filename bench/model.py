@@ -1,6 +1,7 @@
 """align-core model layer on CPU: forward+backward throughput and checkpoint save/load time.
 
-Run: ``uv run python bench/model.py`` (``--configs tiny`` for a quick look, ``--steps N``).
+Run: ``uv run python bench/model.py`` (``--configs tiny`` for a quick look, ``--steps N``);
+``uv run python bench/model.py --hf`` for the Hugging Face import/export comparison below.
 
 For each configuration (fp32, one process, gloo, megatron local spec, DDP-wrapped as in
 training) it measures, after one warm-up step, the best of ``--steps`` timed steps of:
@@ -16,13 +17,25 @@ CPU time (``time.process_time``; the checkpoint writer's forked processes are no
 busy machine the wall times are noisy and more than one thread can make them much worse (OpenMP
 threads spin waiting for each other); with ``--threads 1`` the CPU time is close to what a quiet
 machine takes.
+
+``--hf`` (needs the ``hf`` dependency group) compares importing and exporting a real model,
+SmolLM2-135M-Instruct as a Hugging Face directory (``tests/hf_models.py`` builds it), with
+align (`align_core.hf.open_hf` + `build_gpt_model` + `load_hf_weights`; `save_hf`) and with
+transformers (``from_pretrained``; ``save_pretrained``). Each measurement runs in a fresh
+process: seconds, and the peak resident memory above the process's memory just before the
+phase (sampled every 2 ms), against the model's size on disk. Best of ``--steps`` processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+import json
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -134,13 +147,142 @@ def _secs(times: tuple[float, float]) -> str:
     return f"{times[0]:.2f} s ({times[1]:.2f})"
 
 
+class _PeakRss:
+    """Peak resident memory of this process while the block runs, above its start.
+
+    ``peak`` is the resident set; ``private_peak`` leaves out file-backed pages (memory-mapped
+    safetensors, which the page cache holds and the kernel can drop), i.e. ``rss - shared``.
+    """
+
+    def __enter__(self) -> _PeakRss:
+        import psutil
+
+        self._process = psutil.Process()
+        info = self._process.memory_info()
+        self.start, self.private_start = info.rss, info.rss - info.shared
+        self.peak, self.private_peak = self.start, self.private_start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _record(self) -> None:
+        info = self._process.memory_info()
+        self.peak = max(self.peak, info.rss)
+        self.private_peak = max(self.private_peak, info.rss - info.shared)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._record()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._record()
+
+    @property
+    def above_start(self) -> dict[str, int]:
+        return {
+            "peak_bytes": self.peak - self.start,
+            "private_bytes": self.private_peak - self.private_start,
+        }
+
+
+def _hf_worker(kind: str, src: str, out: str) -> dict[str, float]:
+    """One measurement in this (fresh) process: seconds, peak and private bytes above start."""
+    import torch
+
+    if kind.startswith("transformers"):
+        from transformers import AutoModelForCausalLM
+
+        if kind == "transformers-export":
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        with _PeakRss() as rss:
+            start = time.perf_counter()
+            if kind == "transformers-import":
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            else:
+                model.save_pretrained(out)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, **rss.above_start}
+    from align_core import ParallelConfig, build_gpt_model, init_distributed
+    from align_core.hf import load_hf_weights, open_hf, save_hf
+
+    init_distributed(ParallelConfig())
+
+    def load():
+        with open_hf(src) as ckpt:
+            config = ckpt.model_config_for(1)
+            model = build_gpt_model(config)
+            load_hf_weights(model, ckpt)
+        return model, config
+
+    if kind == "align-export":
+        model, config = load()
+    with _PeakRss() as rss:
+        start = time.perf_counter()
+        if kind == "align-import":
+            model, config = load()
+        else:
+            with open_hf(src) as ckpt:
+                save_hf(model, out, config, source=ckpt)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, **rss.above_start}
+
+
+def hf_io(steps: int) -> None:
+    """Print the import/export table of SmolLM2-135M: align against transformers."""
+    spec = importlib.util.spec_from_file_location(
+        "hf_models", Path(__file__).parents[1] / "tests" / "hf_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    hf_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_models)
+    src = hf_models.smollm2_dir()
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    rows = []
+    for kind in ("align-import", "transformers-import", "align-export", "transformers-export"):
+        runs = []
+        for _ in range(steps):
+            with tempfile.TemporaryDirectory() as out:
+                done = subprocess.run(
+                    [sys.executable, __file__, "--hf-worker", kind, str(src), out],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        best = min(runs, key=lambda r: r["seconds"])
+        peak = min(r["peak_bytes"] for r in runs)
+        private = min(r["private_bytes"] for r in runs)
+        rows.append((kind, best["seconds"], peak, private))
+    print(f"\nSmolLM2-135M-Instruct, fp32 safetensors {size / 2**20:.0f} MiB; best of {steps}\n")
+    print("| phase | seconds | peak RSS above start | private (not file-backed) | × model size |")
+    print("|---|---|---|---|---|")
+    for kind, seconds, peak, private in rows:
+        print(
+            f"| {kind} | {seconds:.2f} | {peak / 2**20:,.0f} MiB | {private / 2**20:,.0f} MiB "
+            f"| {private / size:.2f} |"
+        )
+    times = {kind: seconds for kind, seconds, _, _ in rows}
+    for phase in ("import", "export"):
+        ratio = times[f"align-{phase}"] / times[f"transformers-{phase}"]
+        print(f"align {phase}: {ratio:.2f}× transformers' time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m")
     parser.add_argument("--steps", type=int, default=2, help="timed repetitions (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--hf", action="store_true", help="Hugging Face import/export table")
+    parser.add_argument("--hf-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.hf_worker:
+        print(json.dumps(_hf_worker(*args.hf_worker)))
+        return
+    if args.hf:
+        hf_io(args.steps)
+        return
 
     import torch
 
