@@ -89,11 +89,15 @@ class AlgorithmStep(Protocol):
 
 
 def batch_device(micro_batches: Sequence[ModelBatch]) -> torch.device:
-    """The device the micro-batches live on (their ``tokens``'); CPU when there are none.
+    """The device the micro-batches live on (their first tensor's); CPU when there are none.
 
     Tensors an algorithm creates for a step (normalisers, counts it reduces) go there.
     """
-    return micro_batches[0]["tokens"].device if micro_batches else torch.device("cpu")
+    for batch in micro_batches[:1]:
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return torch.device("cpu")
 
 
 def upcast(t: Tensor) -> Tensor:
