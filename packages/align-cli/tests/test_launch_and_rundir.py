@@ -17,7 +17,13 @@ from align_cli.launch import (
     torchrun_command,
     world_rank,
 )
-from align_cli.rundir import find_last_run, new_run_dir, read_run_info, write_run_info
+from align_cli.rundir import (
+    find_last_run,
+    new_run_dir,
+    read_run_info,
+    run_started,
+    write_run_info,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +71,8 @@ def test_torchrun_command_reinvokes_the_worker(tmp_path: Path) -> None:
         nproc_per_node=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=6000
     )
     command = torchrun_command(options, tmp_path)
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun's own launcher, run by align_cli.torchrun to keep the workers' exit status.
+    assert command[:3] == [sys.executable, "-m", "align_cli.torchrun"]
     for flag in (
         "--nproc-per-node=4",
         "--nnodes=2",
@@ -76,6 +83,26 @@ def test_torchrun_command_reinvokes_the_worker(tmp_path: Path) -> None:
         assert flag in command
     assert command[-3:] == ["--module", "align_cli.worker", str(tmp_path)]
     assert options.world_size == 8
+    # -q reaches the workers: the output is the same at any number of processes.
+    quiet = torchrun_command(options, tmp_path, quiet=True)
+    assert quiet[-4:] == ["--module", "align_cli.worker", str(tmp_path), "--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("codes", "status"),
+    [
+        ([2], 2),
+        ([1, 2], 2),  # bad input on one rank is the cause; the others failed because of it
+        ([1], 1),  # a non-finite loss (or a worker's traceback)
+        ([143], 143),
+        ([-9], 137),  # killed by SIGKILL
+        ([-15, 1], 143),
+    ],
+)
+def test_torchrun_exit_status_is_the_workers(codes: list[int], status: int) -> None:
+    from align_cli.torchrun import exit_status
+
+    assert exit_status(codes) == status
 
 
 def test_run_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,23 +116,35 @@ def test_run_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert new_run_dir(str(tmp_path), None, "dpo") == tmp_path / "dpo-slurm42.3"
 
 
-def test_find_last_run_picks_the_newest_of_the_command(tmp_path: Path) -> None:
+def _run(root: Path, name: str, command: str, created: str, started: str | None) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    write_run_info(run, command, command, ["align", "run", command])
+    info = json.loads((run / "run.json").read_text())
+    info["created"] = created
+    (run / "run.json").write_text(json.dumps(info))
+    if started == "metrics":
+        (run / "metrics.jsonl").write_text("")
+    elif started == "checkpoint":
+        (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    return run
+
+
+def test_find_last_run_picks_the_newest_started_run_of_the_command(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no `align run dpo` run"):
         find_last_run(str(tmp_path), "dpo")
-    for name, command, created in (
-        ("a", "dpo", "2026-01-01T00:00:00"),
-        ("b", "dpo", "2026-02-01T00:00:00"),
-        ("c", "kto", "2026-03-01T00:00:00"),
-    ):
-        run = tmp_path / name
-        run.mkdir()
-        (run / "config.yaml").write_text("{}\n")
-        write_run_info(run, command, command, ["align", "run", command])
-        info = json.loads((run / "run.json").read_text())
-        info["created"] = created
-        (run / "run.json").write_text(json.dumps(info))
+    _run(tmp_path, "a", "dpo", "2026-01-01T00:00:00", "checkpoint")
+    _run(tmp_path, "b", "dpo", "2026-02-01T00:00:00", "metrics")
+    _run(tmp_path, "c", "kto", "2026-03-01T00:00:00", "metrics")
+    # The newest dpo directory is a stub of a start that failed: nothing to resume there.
+    stub = _run(tmp_path, "d", "dpo", "2026-04-01T00:00:00", None)
+    assert not run_started(stub) and run_started(tmp_path / "a")
     assert find_last_run(str(tmp_path), "dpo") == tmp_path / "b"
     assert find_last_run(str(tmp_path), "kto") == tmp_path / "c"
+    _run(tmp_path, "e", "sft", "2026-05-01T00:00:00", None)
+    with pytest.raises(UsageError, match=r"1 run directory there never started training"):
+        find_last_run(str(tmp_path), "sft")
     info = read_run_info(tmp_path / "b")
     assert info.command == "dpo" and info.argv == ("align", "run", "dpo")
     assert "align-cli" in info.versions

@@ -6,7 +6,8 @@
   ``MASTER_PORT`` to a port derived from the job id, so ``srun align run dpo ...`` needs no
   extra setup (one task per GPU).
 - Otherwise, with more than one process asked for (``--nproc-per-node``/``--nnodes``, or NeMo's
-  ``trainer.devices``/``trainer.num_nodes``), ``python -m torch.distributed.run`` re-invokes
+  ``trainer.devices``/``trainer.num_nodes``), torchrun (through `align_cli.torchrun`, which
+  keeps the workers' exit status and hides torchrun's failure report) re-invokes
   `align_cli.worker` on the resolved run directory; SIGINT/SIGTERM are forwarded to it.
 - Otherwise the worker runs in this process.
 """
@@ -117,12 +118,16 @@ def prepare_slurm_env(env: dict[str, str] | None = None) -> None:
         env["LOCAL_RANK"] = env["SLURM_LOCALID"]
 
 
-def torchrun_command(options: LaunchOptions, run_dir: Path) -> list[str]:
-    """The torchrun command line that starts `align_cli.worker` on ``run_dir``."""
+def torchrun_command(options: LaunchOptions, run_dir: Path, *, quiet: bool = False) -> list[str]:
+    """The torchrun command line that starts `align_cli.worker` on ``run_dir``.
+
+    It runs `align_cli.torchrun` (torchrun with align's exit statuses); ``quiet`` is passed on
+    to the workers (``--quiet``: no progress bar or summary).
+    """
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "align_cli.torchrun",
         f"--nproc-per-node={options.nproc_per_node}",
         f"--nnodes={options.nnodes}",
         f"--node-rank={options.node_rank}",
@@ -132,10 +137,12 @@ def torchrun_command(options: LaunchOptions, run_dir: Path) -> list[str]:
         "align_cli.worker",
         str(run_dir),
     ]
+    if quiet:
+        command.append("--quiet")
     return command
 
 
-def run_torchrun(options: LaunchOptions, run_dir: Path) -> int:
+def run_torchrun(options: LaunchOptions, run_dir: Path, *, quiet: bool = False) -> int:
     """Run the workers through torchrun and return its exit status.
 
     SIGTERM received by this process is passed on to torchrun, which passes it to the workers
@@ -144,7 +151,7 @@ def run_torchrun(options: LaunchOptions, run_dir: Path) -> int:
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc_per_node)))
-    proc = subprocess.Popen(torchrun_command(options, run_dir), env=env)
+    proc = subprocess.Popen(torchrun_command(options, run_dir, quiet=quiet), env=env)
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:

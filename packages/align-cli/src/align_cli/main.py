@@ -14,84 +14,110 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 __all__ = ["app", "report_errors"]
 
+
+def _plain_flags(params: list) -> list:
+    """Flags take no value: show no ``<bool>`` type next to them in the help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _argument_usage(param: TyperArgument) -> str:
+    name = param.metavar or param.name.upper()
+    if param.nargs != 1:
+        name += "..."
+    return name if param.required else f"[{name}]"
+
+
+class _Command(TyperCommand):
+    """A command with a usage line ``[OPTIONS] ARGS [KEY=VALUE]...`` and flags without a type.
+
+    Typer's own help writes required arguments as ``{arg}`` and flags as ``<bool>``.
+    """
+
+    def get_params(self, ctx: typer.Context) -> list:  # type: ignore[override]
+        return _plain_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:  # type: ignore[override]
+        pieces = [self.options_metavar] if self.options_metavar else []
+        pieces += [_argument_usage(p) for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+        if self.context_settings.get("allow_extra_args"):
+            pieces.append("[KEY=VALUE]...")
+        return pieces
+
+
+class _Group(TyperGroup):
+    """A command group whose ``--help`` flag shows no ``<bool>`` type."""
+
+    def get_params(self, ctx: typer.Context) -> list:  # type: ignore[override]
+        return _plain_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="align",
+    cls=_Group,
     no_args_is_help=True,
     help="Align and distil LLMs on megatron-core: DPO, IPO, RPO, KTO, SPIN, SFT, KD.",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 run_app = typer.Typer(
+    cls=_Group,
     no_args_is_help=True,
     help="Train a model. Overrides follow the command as key=value (NeMo-Aligner's names).",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Check, tokenize and describe data files.")
-ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and export checkpoints.")
+data_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Check, tokenize and describe data files."
+)
+ckpt_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Inspect and export checkpoints.")
 app.add_typer(run_app, name="run")
 app.add_typer(data_app, name="data")
-kd_app = typer.Typer(no_args_is_help=True, help="Knowledge distillation: the teacher pass.")
+kd_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Knowledge distillation: the teacher pass."
+)
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(kd_app, name="kd")
 
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-# Exceptions of the libraries that describe a user's input (one line, exit 2), by class name so
-# that reporting them needs no import of the library that raised them.
-_USER_ERRORS = frozenset(
-    {
-        "DataError",
-        "HFFormatError",
-        "NemoFormatError",
-        "UnsafeCheckpointError",
-        "UnsupportedNemoConfigError",
-        "ValueError",
-    }
-)
-
-
 def _print_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def report_errors(fn: Callable[[], int], *, rank: int = 0) -> int:
+def report_errors(fn: Callable[[], int], *, rank: int | None = None) -> int:
     """Run ``fn`` and turn expected failures into one line on stderr and an exit status.
 
     Bad configuration or data exits 2 with the key or the ``file:line: field:`` location; a
-    non-finite loss exits 1 naming the step. Other exceptions propagate with their traceback.
-    ``ALIGN_DEBUG=1`` re-raises everything. Only ``rank`` 0 prints.
+    non-finite loss exits 1 naming the step (see `align_cli.errors.expected_failure`). Other
+    exceptions propagate with their traceback. ``ALIGN_DEBUG=1`` re-raises everything. Only
+    ``rank`` 0 prints (default: this process's global rank under a launcher, else 0).
     """
-    from align_cli.errors import UsageError
+    from align_cli.errors import expected_failure
+    from align_cli.launch import world_rank
 
+    if rank is None:
+        rank = world_rank()
     debug = os.environ.get("ALIGN_DEBUG") == "1"
     try:
         return fn()
-    except UsageError as exc:
-        if debug:
-            raise
-        if rank == 0:
-            _print_error(str(exc))
-        return 2
     except KeyboardInterrupt:
         if rank == 0:
             _print_error("interrupted")
         return 130
     except Exception as exc:
-        if debug:
+        expected = None if debug else expected_failure(exc)
+        if expected is None:
             raise
-        kind = type(exc).__name__
-        if kind == "NonFiniteError":
-            if rank == 0:
-                _print_error(str(exc))
-            return 1
-        if kind in _USER_ERRORS:
-            if rank == 0:
-                _print_error(str(exc))
-            return 2
-        raise
+        status, message = expected
+        if rank == 0:
+            _print_error(message)
+        return status
 
 
 def _exit(status: int) -> None:
@@ -214,8 +240,8 @@ def _register_run(command: str) -> None:
     run_command.__doc__ = _RUN_HELP[command]
     run_app.command(
         command,
+        cls=_Command,
         context_settings=_EXTRA,
-        options_metavar="[OPTIONS] [KEY=VALUE]...",
         help=_RUN_HELP[command],
         epilog=_RUN_EPILOGS.get(command, _RUN_EPILOG).format(cmd=command, algo=algo),
     )(run_command)
@@ -227,8 +253,8 @@ for _command in ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd"):
 
 @kd_app.command(
     "teacher",
+    cls=_Command,
     context_settings=_EXTRA,
-    options_metavar="[OPTIONS] [KEY=VALUE]...",
     epilog="Example: align kd teacher --restore teacher.nemo "
     "model.data.data_prefix=train.jsonl top_k=100 output=topk/ (rerun to resume)",
 )
@@ -275,14 +301,17 @@ def kd_teacher(
 
 @app.command(
     "generate",
+    cls=_Command,
     context_settings=_EXTRA,
-    options_metavar="[OPTIONS] PROMPTS.jsonl [KEY=VALUE]...",
     epilog="Example: align generate --restore model.nemo prompts.jsonl --out out.jsonl "
     "sampling_params.use_greedy=true length_params.max_length=128 micro_batch_size=16",
 )
 def generate(
     ctx: typer.Context,
-    prompts: Annotated[str, typer.Argument(help="JSONL prompts (prompt, input or messages).")],
+    prompts: Annotated[
+        str,
+        typer.Argument(metavar="PROMPTS.jsonl", help="JSONL prompts (prompt, input or messages)."),
+    ],
     restore: Annotated[str | None, typer.Option("--restore", help="The model (.nemo).")] = None,
     out: Annotated[
         str | None,
@@ -324,14 +353,14 @@ def main() -> None:
     """Align and distil LLMs on megatron-core."""
 
 
-@app.command("version")
+@app.command("version", cls=_Command)
 def show_version() -> None:
     """Print the installed version of every align package."""
     for dist in ("align-losses", "align-data", "align-core", "align-kd", "align-cli"):
         typer.echo(f"{dist} {version(dist)}")
 
 
-@app.command("plot")
+@app.command("plot", cls=_Command)
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (with metrics.jsonl).")],
     out: Annotated[
@@ -386,7 +415,7 @@ _Tokenizer = Annotated[
 _MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sequence in tokens.")]
 
 
-@data_app.command("validate")
+@data_app.command("validate", cls=_Command)
 def data_validate(
     files: _Files,
     kind: _Kind = None,
@@ -411,7 +440,7 @@ def data_validate(
     )
 
 
-@data_app.command("preprocess")
+@data_app.command("preprocess", cls=_Command)
 def data_preprocess(
     files: _Files,
     out: Annotated[str, typer.Option("--out", help="Dataset cache directory.")],
@@ -448,7 +477,7 @@ def data_preprocess(
     )
 
 
-@data_app.command("stats")
+@data_app.command("stats", cls=_Command)
 def data_stats(
     files: Annotated[
         list[str], typer.Argument(help="Data files, or a directory from `align data preprocess`.")
@@ -477,7 +506,7 @@ def data_stats(
     )
 
 
-@ckpt_app.command("inspect")
+@ckpt_app.command("inspect", cls=_Command)
 def ckpt_inspect(
     path: Annotated[
         str,
@@ -492,7 +521,7 @@ def ckpt_inspect(
     _exit(report_errors(lambda: inspect(path, _console())))  # type: ignore[arg-type]
 
 
-@ckpt_app.command("export")
+@ckpt_app.command("export", cls=_Command)
 def ckpt_export(
     src: Annotated[
         str,
@@ -522,7 +551,7 @@ def ckpt_export(
     _exit(report_errors(lambda: export(src, out, step, fmt, _console())))  # type: ignore[arg-type]
 
 
-@app.command("init-model")
+@app.command("init-model", cls=_Command)
 def init_model(
     out: Annotated[str, typer.Argument(help="Destination .nemo file.")],
     num_layers: Annotated[int | None, typer.Option("--num-layers")] = None,

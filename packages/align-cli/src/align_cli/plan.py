@@ -26,6 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from align_cli.errors import UsageError
+from align_cli.preflight import (
+    core_view,
+    model_line,
+    model_source,
+    preflight,
+    with_batch_hint,
+)
 
 if TYPE_CHECKING:
     from align_cli.commands.run import Prepared
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataPlan",
     "MemoryEstimate",
+    "core_view",
     "count_parameters",
     "dry_run",
     "estimate_memory",
@@ -190,16 +198,6 @@ class DataPlan:
     sources: str
 
 
-def model_source(run: Any) -> Any:
-    """The architecture and tokenizer the trainer will use (align-core's own resolution)."""
-    from align_core.trainer.build import resolve_model_source
-
-    try:
-        return resolve_model_source(run)
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
-
-
 def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_length: int) -> Any:
     from align_data import PreprocessConfig, TokenizeConfig, preprocess
 
@@ -317,34 +315,6 @@ def plan_nemo_kd_data(teacher: Any, seq_length: int) -> DataPlan:
     )
 
 
-def core_view(algorithm: str, run: Any) -> Any:
-    """align-core's `RunConfig` of a run: itself, or an SFT view of a SPIN or distillation run.
-
-    SPIN and distillation read SFT data and resolve their model as an SFT run would.
-    """
-    if algorithm not in ("spin", "kd"):
-        return run
-    from align_core.trainer import sft_view
-
-    return sft_view(run)
-
-
-def _resolved_reference(algorithm: str, run: Any) -> str:
-    if algorithm in ("sft", "kd"):
-        return "none"
-    if algorithm == "spin":
-        from align_core.trainer.spin import resolve_opponent_strategy
-
-        try:
-            return resolve_opponent_strategy(run.reference)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    strategy = run.reference.strategy
-    if strategy != "auto":
-        return strategy
-    return "adapters" if run.peft is not None else "precompute"
-
-
 def _mib(value: int) -> str:
     mib = value / 2**20
     return f"{mib / 1024:,.2f} GiB" if mib >= 1024 else f"{mib:,.1f} MiB"
@@ -357,25 +327,8 @@ def dry_run(prepared: Prepared, console: Console) -> int:
     view = core_view(algorithm, run)
     launch = prepared.launch
     parallel = run.parallel
-    model_parallel = (
-        parallel.tensor_model_parallel_size
-        * parallel.pipeline_model_parallel_size
-        * parallel.context_parallel_size
-    )
-    if launch.world_size % model_parallel:
-        raise UsageError(
-            f"{launch.world_size} processes cannot hold TP × PP × CP = {model_parallel} "
-            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
-        )
-    dp = launch.world_size // model_parallel
-    per_step = run.data.micro_batch_size * dp
-    if run.data.global_batch_size % per_step:
-        raise UsageError(
-            f"model.global_batch_size {run.data.global_batch_size} is not a multiple of "
-            f"model.micro_batch_size × data-parallel size = {run.data.micro_batch_size} × {dp}"
-        )
-    accumulation = run.data.global_batch_size // per_step
-    source = model_source(view)
+    checked = preflight(prepared)
+    source, dp, accumulation = checked.source, checked.data_parallel_size, checked.accumulation
     if algorithm == "kd" and run.teacher.nemo_jsonl:
         data = plan_nemo_kd_data(run.teacher, source.model.seq_length)
     else:
@@ -383,9 +336,9 @@ def dry_run(prepared: Prepared, console: Console) -> int:
         files_key = "model.data.train_ds.file_path" if spin else "model.data.data_prefix"
         data = plan_data(view, source, files_key)
     val_batches = data.val_examples // run.data.global_batch_size
-    steps, steps_text = _steps(algorithm, run, data, val_batches)
+    steps, steps_text = _steps(algorithm, run, data, val_batches, launch.world_size)
     model = source.model
-    reference = _resolved_reference(algorithm, run)
+    reference = checked.reference
     sequences = {"dpo": 2, "kto": 2, "sft": 1, "spin": 2, "kd": 1}[algorithm]
     memory = estimate_memory(
         model,
@@ -436,7 +389,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             else "off",
         ),
         ("checkpoints", f"every {steps.save_interval} steps" if steps.save_interval else "at end"),
-        _reference_row(algorithm, run, reference, source),
+        checked.reference_row,
         ("model", model_line(model, run.restore_from_path)),
         ("parameters", f"{count_parameters(model, parallel.tensor_model_parallel_size):,}"),
     ]
@@ -461,7 +414,9 @@ def dry_run(prepared: Prepared, console: Console) -> int:
     return 0
 
 
-def _steps(algorithm: str, run: Any, data: DataPlan, val_batches: int) -> tuple[Any, str]:
+def _steps(
+    algorithm: str, run: Any, data: DataPlan, val_batches: int, world_size: int
+) -> tuple[Any, str]:
     """The step accounting (align-core's own rule) and its description."""
     from align_core.trainer.loop import plan_steps
 
@@ -501,83 +456,9 @@ def _steps(algorithm: str, run: Any, data: DataPlan, val_batches: int) -> tuple[
             val_batches=val_batches,
         )
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(str(with_batch_hint(exc, run, world_size))) from exc
     text = (
         f"{steps.max_steps:,} ({steps.steps_per_epoch:,} per epoch × "
         f"{run.trainer.max_epochs} epoch(s), trainer max_steps {run.trainer.max_steps})"
     )
     return steps, text
-
-
-def _reference_row(algorithm: str, run: Any, reference: str, source: Any) -> tuple[str, str]:
-    if algorithm == "spin":
-        return "opponent", f"{run.reference.strategy} -> {reference} (refreshed every iteration)"
-    if algorithm == "kd":
-        return "teacher", _teacher_line(run, int(source.tokenizer.vocab_size))
-    if algorithm == "sft":
-        return "reference", "none"
-    return "reference", f"{run.reference.strategy} -> {reference}"
-
-
-def _teacher_line(run: Any, student_vocab: int) -> str:
-    """Check a distillation run's teacher source as training will; describe it.
-
-    Raises:
-        UsageError: A missing teacher, an incomplete teacher pass, or vocabularies that differ
-            without ``cross_tokenizer``.
-    """
-    from align_kd.step import check_vocabularies
-
-    teacher = run.teacher
-    kd = run.knowledge_distillation
-    key = "model.knowledge_distillation.teacher"
-    try:
-        if teacher.online:
-            if not Path(teacher.restore_from_path).exists():
-                raise UsageError(
-                    f"{key}.restore_from_path: {teacher.restore_from_path}: no such file"
-                )
-            view = dataclasses.replace(
-                core_view("kd", run), restore_from_path=teacher.restore_from_path, model=None
-            )
-            model = model_source(view)
-            check_vocabularies(
-                teacher_vocab_size=int(model.tokenizer.vocab_size),
-                student_vocab_size=student_vocab,
-                cross_tokenizer=kd.cross_tokenizer,
-            )
-            kd.effective_top_k(teacher.top_k)
-            return (
-                f"online, top-{teacher.top_k}: {model_line(model.model, teacher.restore_from_path)}"
-            )
-        if teacher.directory:
-            from align_kd.teacher import open_teacher_store, teacher_vocab_size
-
-            root = Path(teacher.directory)
-            if not (root / "train").is_dir():
-                raise UsageError(
-                    f"{key}.directory: {root} holds no train/ store "
-                    "(write it with `align kd teacher ... output=DIR`)"
-                )
-            reader = open_teacher_store(root / "train")
-            check_vocabularies(
-                teacher_vocab_size=teacher_vocab_size(root / "train"),
-                student_vocab_size=student_vocab,
-                cross_tokenizer=kd.cross_tokenizer,
-            )
-            kd.effective_top_k(reader.top_k)
-            return f"offline stores: {root} ({len(reader):,} train samples, top-{reader.top_k})"
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    return f"NeMo-Aligner JSONL: {', '.join(teacher.nemo_jsonl)}"
-
-
-def model_line(model: Any, restore_from_path: str | None) -> str:
-    """One line describing an architecture and where its weights come from."""
-    source = restore_from_path or "fresh (random init)"
-    fields = dataclasses.asdict(model)
-    return (
-        f"{source}: {fields['num_layers']} layers, hidden {fields['hidden_size']}, "
-        f"{fields['num_attention_heads']} heads, vocab {fields['vocab_size']}, "
-        f"{fields['dtype']}"
-    )

@@ -32,6 +32,7 @@ __all__ = [
     "find_last_run",
     "new_run_dir",
     "read_run_info",
+    "run_started",
     "write_run_info",
 ]
 
@@ -140,14 +141,30 @@ def new_run_dir(exp_dir: str, name: str | None, command: str) -> Path:
     return path
 
 
+def run_started(run_dir: Path) -> bool:
+    """Whether training began in ``run_dir``: metrics were opened or a checkpoint was written.
+
+    A directory where it did not (``config.yaml`` and ``run.json`` of a start that failed) has
+    nothing to resume.
+    """
+    if (run_dir / METRICS_FILE).exists():
+        return True
+    if any((run_dir / "checkpoints").glob("step_*")):
+        return True
+    return any((run_dir / "generations").glob("iter_*.jsonl"))  # SPIN's first generation
+
+
 def find_last_run(exp_dir: str, command: str) -> Path:
-    """The most recently created run directory of ``command`` under ``exp_dir``.
+    """The most recently created run directory of ``command`` under ``exp_dir`` that started.
+
+    Directories where training never began (`run_started`: a failed start) are passed over.
 
     Raises:
         UsageError: There is none.
     """
     root = Path(exp_dir)
     candidates = []
+    stubs = []
     if root.is_dir():
         for child in root.iterdir():
             info_path = child / RUN_FILE
@@ -157,11 +174,19 @@ def find_last_run(exp_dir: str, command: str) -> Path:
                 info = json.loads(info_path.read_text())
             except (OSError, ValueError):
                 continue
-            if info.get("command") == command:
-                candidates.append((info.get("created", ""), info_path.stat().st_mtime, child))
+            if info.get("command") != command:
+                continue
+            if not run_started(child):
+                stubs.append(child)
+                continue
+            candidates.append((info.get("created", ""), info_path.stat().st_mtime, child))
     if not candidates:
+        never = ""
+        if stubs:
+            dirs = "directory there" if len(stubs) == 1 else "directories there"
+            never = f" ({len(stubs)} run {dirs} never started training, e.g. {stubs[0]})"
         raise UsageError(
-            f"--resume: no `align run {command}` run under {root}/ "
-            "(give the run directory with exp_manager.explicit_log_dir=DIR)"
+            f"--resume: no `align run {command}` run to continue under {root}/{never}; "
+            "give the run directory with exp_manager.explicit_log_dir=DIR"
         )
     return max(candidates)[2]

@@ -96,6 +96,7 @@ def run_worker(
 
     from align_cli.config import compose, to_run_config
     from align_cli.config.restore import base_model_for
+    from align_cli.preflight import with_batch_hint
 
     quiet_library_warnings()
     if launcher() == "slurm":
@@ -120,8 +121,20 @@ def run_worker(
     rank = world_rank()
     sinks = make_sinks(composed, run_dir, quiet=quiet, console=console) if rank == 0 else []
 
-    result = train(composed.algorithm, run, sinks)
+    try:
+        result = train(composed.algorithm, run, sinks)
+    except ValueError as exc:
+        hinted = with_batch_hint(exc, run, _world_size())
+        if hinted is exc:
+            raise
+        raise hinted from exc
     return EXIT_CODES.get(result.stop_reason, 1)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def train(algorithm: str, run: Any, sinks: list[Any]) -> Any:

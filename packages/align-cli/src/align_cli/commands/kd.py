@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StoreStats",
+    "check_teacher",
     "execute_teacher",
     "plan_teacher",
     "run_teacher_worker",
@@ -113,6 +114,7 @@ def execute_teacher(options: RunOptions, console: Console | None = None) -> int:
     how = launch_options(options, composed.tree)
     if options.dry_run:
         return plan_teacher(config, how, console)
+    check_teacher(config, how)  # before any worker starts or anything is written
     return launch(out, composed, options, how, console)
 
 
@@ -160,6 +162,35 @@ def store_bytes_per_token(top_k: int, dtype: str, vocab_size: int, *, keep_input
     return top_k * (logit + ids) + 4 + (4 if keep_input_ids else 0)
 
 
+def check_teacher(config: Any, how: Any) -> tuple[Any, Any]:
+    """The checks of ``--dry-run`` that need no pass over the data, made before launching.
+
+    Returns:
+        The SFT view of the pass (align-core's `RunConfig`) and its `model_source`.
+
+    Raises:
+        UsageError: A layout the processes cannot hold, or a missing teacher, data file or
+            ``tokenizer_from``.
+    """
+    from align_cli.preflight import check_data_files, data_parallel_size, model_source
+    from align_core.trainer import RunConfig
+
+    view = RunConfig(
+        algorithm="sft",
+        run_dir=config.output.output_dir,
+        parallel=config.parallel,
+        data=config.data,
+        restore_from_path=config.restore_from_path,
+        seed=config.seed,
+    )
+    data_parallel_size(view, how.world_size)
+    source = model_source(view)
+    check_data_files("sft", view)
+    if config.tokenizer_from is not None and not Path(config.tokenizer_from).exists():
+        raise UsageError(f"tokenizer_from: {config.tokenizer_from}: no such file")
+    return view, source
+
+
 def plan_teacher(config: Any, how: Any, console: Console) -> int:
     """``align kd teacher --dry-run``: check everything and print the plan; compute nothing.
 
@@ -174,29 +205,11 @@ def plan_teacher(config: Any, how: Any, console: Console) -> int:
     """
     from rich.table import Table
 
-    from align_cli.plan import count_parameters, model_line, model_source, plan_data
-    from align_core.trainer import RunConfig
+    from align_cli.plan import count_parameters, model_line, plan_data
+    from align_cli.preflight import data_parallel_size
 
     parallel = config.parallel
-    model_parallel = (
-        parallel.tensor_model_parallel_size
-        * parallel.pipeline_model_parallel_size
-        * parallel.context_parallel_size
-    )
-    if how.world_size % model_parallel:
-        raise UsageError(
-            f"{how.world_size} processes cannot hold TP × PP × CP = {model_parallel} "
-            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
-        )
-    view = RunConfig(
-        algorithm="sft",
-        run_dir=config.output.output_dir,
-        parallel=parallel,
-        data=config.data,
-        restore_from_path=config.restore_from_path,
-        seed=config.seed,
-    )
-    source = model_source(view)
+    view, source = check_teacher(config, how)
     teacher_vocab = int(source.tokenizer.vocab_size)  # what the stores record
     tokenizer_line = f"the teacher's ({teacher_vocab:,} tokens)"
     if config.tokenizer_from is not None:
@@ -205,8 +218,6 @@ def plan_teacher(config: Any, how: Any, console: Console) -> int:
         from align_core.pretrained import open_pretrained
         from align_core.trainer.build import tokenizer_from_spec
 
-        if not Path(config.tokenizer_from).exists():
-            raise UsageError(f"tokenizer_from: {config.tokenizer_from}: no such file")
         with open_pretrained(config.tokenizer_from) as ckpt:
             tokenizer = tokenizer_from_spec(ckpt.tokenizer)
         source = dataclasses.replace(source, tokenizer=tokenizer)
@@ -223,7 +234,7 @@ def plan_teacher(config: Any, how: Any, console: Console) -> int:
         keep_input_ids=config.output.keep_input_ids,
     )
     states = [_resume_state(out, split, count) for split, count in examples.items()]
-    dp = how.world_size // model_parallel
+    dp = data_parallel_size(view, how.world_size)
     table = Table(title=f"plan: teacher top-k ({out})", show_header=False)
     table.add_column("")
     table.add_column("")

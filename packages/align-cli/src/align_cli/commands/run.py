@@ -10,6 +10,7 @@ FILE``; ``--restore``; the ``key=value`` overrides. ``--resume`` starts instead 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,15 @@ from rich.console import Console
 from align_cli.config import Composed, compose, load_tree, to_run_config, to_yaml
 from align_cli.config.presets import DEMO, VARIANTS, algorithm_of, check_variant
 from align_cli.config.restore import base_model_for
-from align_cli.errors import UsageError
-from align_cli.launch import DEFAULT_MASTER_PORT, LaunchOptions, free_port, launcher, run_torchrun
+from align_cli.errors import UsageError, expected_failure
+from align_cli.launch import (
+    DEFAULT_MASTER_PORT,
+    LaunchOptions,
+    free_port,
+    launcher,
+    run_torchrun,
+    world_rank,
+)
 from align_cli.progress import make_console
 from align_cli.rundir import (
     CONFIG_FILE,
@@ -30,6 +38,7 @@ from align_cli.rundir import (
     find_last_run,
     new_run_dir,
     read_run_info,
+    run_started,
     write_run_info,
 )
 
@@ -264,17 +273,32 @@ def execute(options: RunOptions, console: Console | None = None) -> int:
             f"synthetic task (give --restore MODEL.nemo and {key}=FILE for a real run)",
             highlight=False,
         )
+    if prepared.resumed and world_rank() == 0:
+        console.print(_resume_line(prepared.run_dir), highlight=False, soft_wrap=True)
     if options.dry_run:
         from align_cli.plan import dry_run
 
         return dry_run(prepared, console)
+    from align_cli.preflight import preflight
+
+    preflight(prepared)  # the checks of --dry-run that need no pass over the data
     return launch(
         prepared.run_dir,
         prepared.composed,
         options,
         prepared.launch,
         console,
+        discard_failed_start=True,
     )
+
+
+def _resume_line(run_dir: Path) -> str:
+    from align_core.checkpoint import Checkpointer
+
+    step = Checkpointer(run_dir / "checkpoints", keep_last=1).latest_step()
+    if step is None:
+        return f"resuming {run_dir}: no checkpoint yet, starting at step 0"
+    return f"resuming {run_dir} from step {step} (checkpoints/step_{step:06d})"
 
 
 def launch(
@@ -283,28 +307,44 @@ def launch(
     options: RunOptions,
     how: LaunchOptions,
     console: Console,
+    *,
+    discard_failed_start: bool = False,
 ) -> int:
     """Write the run directory and run the workers: here, through torchrun, or as one rank.
 
     Under an outer torchrun or Slurm job the process on global rank 0 writes the directory and
     every process runs its rank; otherwise one process runs here, or torchrun starts
     ``how.world_size`` workers on ``run_dir``.
+
+    With ``discard_failed_start``, a run directory this call created is removed again when the
+    run fails on bad input (exit status 2) before training began (`run_started`), so that no
+    stub is left behind.
     """
     from align_cli.worker import run_worker
 
     under = launcher()
     if under is not None:
-        from align_cli.launch import world_rank
-
         if world_rank() == 0:
             write_run_dir(run_dir, composed, options.command, options.argv)
         else:
             _wait_for(run_dir / RUN_FILE)
         return run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
+    created = not run_dir.exists()
     write_run_dir(run_dir, composed, options.command, options.argv)
-    if how.world_size > 1:
-        return run_torchrun(how, run_dir)
-    return run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
+    status: int | None = None
+    try:
+        if how.world_size > 1:
+            status = run_torchrun(how, run_dir, quiet=options.quiet)
+        else:
+            status = run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
+        return status
+    except Exception as exc:
+        expected = expected_failure(exc)
+        status = expected[0] if expected else None
+        raise
+    finally:
+        if discard_failed_start and created and status == 2 and not run_started(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 _DATA_KEY = {"spin": "model.data.train_ds.file_path"}

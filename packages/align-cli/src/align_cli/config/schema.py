@@ -508,7 +508,13 @@ def data_config(
             **{**kwargs, **changes},
         )
     except ValueError as exc:
-        raise ConfigError(str(exc), key="model.data") from exc
+        text = str(exc)
+        micro, gbs = kwargs.get("micro_batch_size"), kwargs.get("global_batch_size")
+        if batch and isinstance(micro, int) and micro > 0 and gbs % micro:
+            from align_cli.preflight import multiple_hint
+
+            text += f"; {multiple_hint(gbs, micro)}"
+        raise ConfigError(text, key="model.data") from exc
 
 
 def to_run_config(

@@ -147,12 +147,21 @@ def _reset_info(info: tarfile.TarInfo) -> tarfile.TarInfo:
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. The file gets
+    the mode any other new file would (``0o666`` less the umask; an existing ``path`` keeps
+    its mode), not the private ``0o600`` of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # reading the umask sets it: put it back at once
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp_name, mode)
     tmp = Path(tmp_name)
     try:
         yield tmp

@@ -1,0 +1,303 @@
+"""Checks of a prepared run that need no pass over its data, made before any worker starts.
+
+``align run`` makes them before launching (in this process, or before torchrun starts the
+workers), and ``--dry-run`` before planning: the parallel layout and batch sizes, the model
+(``--restore``: the checkpoint is opened and its configuration read), the data files, the
+reference strategy and a distillation run's teacher. A mistake there is one line naming the key
+or option to change, with exit status 2, and no run directory is written. Every record is then
+validated by the workers (or by ``--dry-run``), with the same one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from align_cli.commands.run import Prepared
+
+__all__ = [
+    "Preflight",
+    "batch_hint",
+    "check_batch",
+    "check_data_files",
+    "core_view",
+    "data_parallel_size",
+    "model_line",
+    "model_source",
+    "multiple_hint",
+    "preflight",
+    "resolved_reference",
+    "with_batch_hint",
+]
+
+_PREFERENCE = ("dpo", "kto", "sft")
+
+
+def model_source(run: Any) -> Any:
+    """The architecture and tokenizer the trainer will use (align-core's own resolution)."""
+    from align_core.trainer.build import resolve_model_source
+
+    try:
+        return resolve_model_source(run)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def core_view(algorithm: str, run: Any) -> Any:
+    """align-core's `RunConfig` of a run: itself, or an SFT view of a SPIN or distillation run.
+
+    SPIN and distillation read SFT data and resolve their model as an SFT run would.
+    """
+    if algorithm not in ("spin", "kd"):
+        return run
+    from align_core.trainer import sft_view
+
+    return sft_view(run)
+
+
+def resolved_reference(algorithm: str, run: Any) -> str:
+    """The reference strategy the trainer will use (``none`` for SFT and distillation).
+
+    Raises:
+        UsageError: A SPIN opponent strategy that cannot hold the opponent.
+    """
+    if algorithm in ("sft", "kd"):
+        return "none"
+    if algorithm == "spin":
+        from align_core.trainer.spin import resolve_opponent_strategy
+
+        try:
+            return resolve_opponent_strategy(run.reference)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    strategy = run.reference.strategy
+    if strategy != "auto":
+        return strategy
+    return "adapters" if run.peft is not None else "precompute"
+
+
+def data_parallel_size(run: Any, world_size: int) -> int:
+    """Data-parallel replicas of ``run`` on ``world_size`` processes.
+
+    Raises:
+        UsageError: The processes cannot hold TP × PP × CP.
+    """
+    parallel = run.parallel
+    model_parallel = (
+        parallel.tensor_model_parallel_size
+        * parallel.pipeline_model_parallel_size
+        * parallel.context_parallel_size
+    )
+    if world_size % model_parallel:
+        raise UsageError(
+            f"{world_size} processes cannot hold TP × PP × CP = {model_parallel} "
+            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
+        )
+    return world_size // model_parallel
+
+
+def check_batch(run: Any, world_size: int) -> tuple[int, int]:
+    """The data-parallel size and gradient accumulation steps of ``run``'s batch sizes.
+
+    Raises:
+        UsageError: A layout the processes cannot hold, or a global batch that is not a
+            multiple of micro batch × data-parallel size (naming the nearest values that are).
+    """
+    dp = data_parallel_size(run, world_size)
+    micro, gbs = run.data.micro_batch_size, run.data.global_batch_size
+    per_step = micro * dp
+    if gbs % per_step:
+        raise UsageError(
+            f"model.global_batch_size {gbs} is not a multiple of model.micro_batch_size × "
+            f"data-parallel size = {micro} × {dp}; {multiple_hint(gbs, per_step)}"
+        )
+    return dp, gbs // per_step
+
+
+def multiple_hint(global_batch_size: int, per_step: int) -> str:
+    """``use model.global_batch_size=A or B``: the multiples of ``per_step`` nearest to it."""
+    lower = global_batch_size // per_step * per_step
+    use = f"{lower} or {lower + per_step}" if lower else str(per_step)
+    return f"use model.global_batch_size={use}"
+
+
+def batch_hint(examples: int, run: Any, world_size: int) -> str:
+    """What to set when ``examples`` do not fill one global batch of ``run``."""
+    try:
+        dp = data_parallel_size(run, world_size)
+    except UsageError:
+        dp = 1
+    per_step = run.data.micro_batch_size * dp
+    largest = examples // per_step * per_step
+    if largest == 0:
+        return (
+            f"use more data, or fewer than {examples + 1} examples per step: "
+            f"model.micro_batch_size × data-parallel size is {per_step}"
+        )
+    multiple = f", a multiple of {per_step} = micro {run.data.micro_batch_size} × DP {dp}"
+    return f"use model.global_batch_size ≤ {largest}" + (multiple if per_step > 1 else "")
+
+
+_UNFILLED = re.compile(r"(\d+) training examples do not fill one global batch")
+
+
+def with_batch_hint(exc: ValueError, run: Any, world_size: int) -> ValueError | UsageError:
+    """align-core's "N training examples do not fill one global batch" with what to set.
+
+    Other errors are returned as they are.
+    """
+    match = _UNFILLED.match(str(exc))
+    if match is None:
+        return exc
+    return UsageError(f"{exc}; {batch_hint(int(match.group(1)), run, world_size)}")
+
+
+def check_data_files(algorithm: str, run: Any) -> None:
+    """Every data file the run names exists (the synthetic task needs none).
+
+    Raises:
+        UsageError: A missing file, naming the key that gave it.
+    """
+    if algorithm == "kd" and run.teacher.nemo_jsonl:
+        key = "model.knowledge_distillation.teacher"
+        splits = {
+            "nemo_jsonl": run.teacher.nemo_jsonl,
+            "nemo_jsonl_validation": run.teacher.nemo_jsonl_validation,
+        }
+        for name, paths in splits.items():
+            for path in paths:
+                if not Path(path).is_file():
+                    raise UsageError(f"{key}.{name}: {path}: no such file")
+        return
+    data = core_view(algorithm, run).data
+    key = "model.data.train_ds.file_path" if algorithm == "spin" else "model.data.data_prefix"
+    for path in (*data.train_files, *data.validation_files):
+        if not Path(path).is_file():
+            raise UsageError(f"{key}: {path}: no such file")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before launching found.
+
+    Attributes:
+        source: `model_source` of the run (architecture and tokenizer).
+        data_parallel_size: Data-parallel replicas.
+        accumulation: Micro-batches per optimizer step on each replica.
+        reference: The resolved reference strategy (``none`` without one).
+        reference_row: The plan's row describing the reference, opponent or teacher.
+    """
+
+    source: Any
+    data_parallel_size: int
+    accumulation: int
+    reference: str
+    reference_row: tuple[str, str]
+
+
+def preflight(prepared: Prepared) -> Preflight:
+    """The checks of ``--dry-run`` that need no pass over the data, before any worker starts.
+
+    The layout and batch sizes, the model (``--restore``: the checkpoint is opened and its
+    configuration read), the data files, the reference strategy and the teacher of a
+    distillation run. Every record is validated, and the steps planned, by the workers
+    (errors there are one line too).
+
+    Raises:
+        UsageError: The first problem found, naming the key or option to change.
+    """
+    algorithm = prepared.composed.algorithm
+    run = prepared.run
+    dp, accumulation = check_batch(run, prepared.launch.world_size)
+    if algorithm in _PREFERENCE:
+        from align_core.trainer.session import _check_config  # the trainer's own config check
+
+        try:
+            _check_config(run)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    source = model_source(core_view(algorithm, run))
+    check_data_files(algorithm, run)
+    reference = resolved_reference(algorithm, run)
+    row = _reference_row(algorithm, run, reference, source)
+    return Preflight(source, dp, accumulation, reference, row)
+
+
+def _reference_row(algorithm: str, run: Any, reference: str, source: Any) -> tuple[str, str]:
+    if algorithm == "spin":
+        return "opponent", f"{run.reference.strategy} -> {reference} (refreshed every iteration)"
+    if algorithm == "kd":
+        return "teacher", _teacher_line(run, int(source.tokenizer.vocab_size))
+    if algorithm == "sft":
+        return "reference", "none"
+    return "reference", f"{run.reference.strategy} -> {reference}"
+
+
+def _teacher_line(run: Any, student_vocab: int) -> str:
+    """Check a distillation run's teacher source as training will; describe it.
+
+    Raises:
+        UsageError: A missing teacher, an incomplete teacher pass, or vocabularies that differ
+            without ``cross_tokenizer``.
+    """
+    from align_kd.step import check_vocabularies
+
+    teacher = run.teacher
+    kd = run.knowledge_distillation
+    key = "model.knowledge_distillation.teacher"
+    try:
+        if teacher.online:
+            if not Path(teacher.restore_from_path).exists():
+                raise UsageError(
+                    f"{key}.restore_from_path: {teacher.restore_from_path}: no such file"
+                )
+            view = dataclasses.replace(
+                core_view("kd", run), restore_from_path=teacher.restore_from_path, model=None
+            )
+            model = model_source(view)
+            check_vocabularies(
+                teacher_vocab_size=int(model.tokenizer.vocab_size),
+                student_vocab_size=student_vocab,
+                cross_tokenizer=kd.cross_tokenizer,
+            )
+            kd.effective_top_k(teacher.top_k)
+            return (
+                f"online, top-{teacher.top_k}: {model_line(model.model, teacher.restore_from_path)}"
+            )
+        if teacher.directory:
+            from align_kd.teacher import open_teacher_store, teacher_vocab_size
+
+            root = Path(teacher.directory)
+            if not (root / "train").is_dir():
+                raise UsageError(
+                    f"{key}.directory: {root} holds no train/ store "
+                    "(write it with `align kd teacher ... output=DIR`)"
+                )
+            reader = open_teacher_store(root / "train")
+            check_vocabularies(
+                teacher_vocab_size=teacher_vocab_size(root / "train"),
+                student_vocab_size=student_vocab,
+                cross_tokenizer=kd.cross_tokenizer,
+            )
+            kd.effective_top_k(reader.top_k)
+            return f"offline stores: {root} ({len(reader):,} train samples, top-{reader.top_k})"
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return f"NeMo-Aligner JSONL: {', '.join(teacher.nemo_jsonl)}"
+
+
+def model_line(model: Any, restore_from_path: str | None) -> str:
+    """One line describing an architecture and where its weights come from."""
+    source = restore_from_path or "fresh (random init)"
+    fields = dataclasses.asdict(model)
+    return (
+        f"{source}: {fields['num_layers']} layers, hidden {fields['hidden_size']}, "
+        f"{fields['num_attention_heads']} heads, vocab {fields['vocab_size']}, "
+        f"{fields['dtype']}"
+    )
