@@ -98,6 +98,28 @@ def test_data_stats_counts_tokens(synthetic) -> None:
     result = invoke("data", "stats", str(synthetic.sft_train))
     assert result.exit_code == 0
     assert "examples kept" in result.output and "40" in result.output
+    # The tokenizer is named; the bins span the data, not a fixed 1-2048.
+    assert "tokenizer: byte (ByteTokenizer, vocabulary" in result.output
+    assert (
+        "the longest sequence" in result.output
+        and "2048" not in result.output.split("sequence lengths")[1]
+    )
+    short = invoke("data", "stats", str(synthetic.sft_train), "--max-length", "64")
+    assert short.exit_code == 0 and "1-64: --max-length" in short.output
+
+
+def test_data_stats_bins_follow_the_models_seq_length(synthetic, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.nemo"
+    made = invoke("init-model", str(model), "--num-layers", "1", "--hidden-size", "32")
+    assert made.exit_code == 0, made.output
+    from align_core.pretrained import open_pretrained
+
+    with open_pretrained(model) as ckpt:
+        seq = ckpt.model_config.seq_length
+    result = invoke("data", "stats", str(synthetic.sft_train), "--tokenizer", str(model))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"1-{seq}: the model's seq_length" in text and f"tokenizer: {model}" in text
 
 
 def test_dry_run_of_the_demo_prints_the_plan() -> None:
@@ -150,6 +172,7 @@ def test_init_model_then_inspect(tmp_path: Path) -> None:
     out = tmp_path / "tiny.nemo"
     result = invoke("init-model", str(out), "--num-layers", "1", "--hidden-size", "32")
     assert result.exit_code == 0, result.output
+    assert "vocab_size 320 padded to 384 embedding rows" in " ".join(result.output.split())
     result = invoke("ckpt", "inspect", str(out))
     assert result.exit_code == 0, result.output
     assert "num_layers" in result.output and "single (saved with TP=1, PP=1)" in result.output
@@ -157,6 +180,57 @@ def test_init_model_then_inspect(tmp_path: Path) -> None:
     h, ffn, vocab = 32, 256, 384
     expected = 2 * vocab * h + (2 * h + 3 * h * h + h * h + h * 2 * ffn + ffn * h) + h
     assert f"{expected:,}" in result.output
+
+
+def test_inspect_a_training_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    run = tmp_path / "runs" / ("dpo-" + "x" * 60)  # a long path: the title must not wrap
+    step = run / "checkpoints" / "step_000004"
+    step.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "run.json").write_text("{}\n")
+    common = {
+        "format_version": 1,
+        "step": 4,
+        "layout": {
+            "world_size": 2,
+            "tensor_model_parallel_size": 1,
+            "pipeline_model_parallel_size": 1,
+            "data_parallel_size": 2,
+        },
+        "distributed_optimizer": False,
+        "has_optimizer": True,
+        "extra_models": [],
+        "trainer_state": {
+            "step": 4,
+            "consumed_samples": 64,
+            "skipped_steps": 0,
+            "epoch": 1,
+            "reference": {"strategy": "precompute", "fingerprint": "ab"},
+        },
+        "extra_state": {
+            "data": {"train_samples": 40, "global_batch_size": 16, "data": "x", "seed": 1},
+            "plan": {"max_steps": 6},
+            "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                      "vocab_size": 384, "seq_length": 128, "dtype": "fp32"},
+        },
+    }  # fmt: skip
+    torch.save({"optimizer": {"state": {}}, "common": common}, step / "common.pt")
+    result = invoke("ckpt", "inspect", str(step))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"checkpoint {step}"  # the whole title on one line
+    text = " ".join("".join(c if c.isascii() else " " for c in result.output).split())
+    assert "step 4" in text and "epoch 1, 64 examples consumed" in text
+    assert "2 layers, hidden size 64, 4 heads, vocab 384, seq 128" in text
+    assert "optimizer state yes" in text and "planned steps 6" in text
+    assert "reference precompute" in text and "config.yaml" in text.replace(" ", "")
+    # A bare step directory (no common.pt): still described, nothing raised.
+    bare = tmp_path / "step_000001"
+    bare.mkdir()
+    result = invoke("ckpt", "inspect", str(bare))
+    assert result.exit_code == 0 and "unknown (no common.pt)" in result.output
 
 
 def test_data_preprocess_writes_then_reuses(synthetic, tmp_path: Path) -> None:

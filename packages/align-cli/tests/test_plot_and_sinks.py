@@ -119,3 +119,20 @@ def test_tensorboard_resume_drops_the_steps_trained_again(tmp_path: Path) -> Non
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0)]
+
+
+def test_readme_lists_the_run_directory_and_the_data_formats() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listing = readme.split("## Run directory", 1)[1].split("```")[1]
+    names = [line.split()[0] for line in listing.splitlines() if line and not line[0].isspace()]
+    for name in ("config.yaml", "metrics.jsonl", "plots/", "data/", "reference_cache/"):
+        assert name in names
+    # kl.png is written only where a kl metric is logged (KTO), as plot_run above shows.
+    plots = listing.split("plots/", 1)[1].split("data/", 1)[0]
+    assert "kl.png for KTO only" in " ".join(plots.split())
+    formats = readme.split("## Data formats", 1)[1].split("\n## ", 1)[0]
+    assert "(../align-data/README.md#formats)" in formats
+    assert "`prompt`, `chosen`, `rejected`" in formats
+    assert "`prompt`, `completion`, `label`: `true`" in formats and "`false`" in formats
+    assert "`messages`" in formats
+    assert (Path(__file__).parents[2] / "align-data" / "README.md").read_text().count("## Formats")

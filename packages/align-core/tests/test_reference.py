@@ -124,8 +124,9 @@ def test_swap_restores_the_policy_even_when_the_forward_fails(dist_ctx):
         assert not torch.equal(next(policy.parameters()), next(iter(live.values())))
 
 
-def test_precompute_cache_is_reused_and_keyed(dist_ctx, tmp_path):
+def test_precompute_cache_is_reused_and_keyed(dist_ctx, tmp_path, capsys):
     policy = T.fresh_model()
+    said = []
     source = T.data(PAIRS, [], STEP, mbs=4, gbs=8)
     calls = []
 
@@ -141,10 +142,16 @@ def test_precompute_cache_is_reused_and_keyed(dist_ctx, tmp_path):
             key=key,
             splits={"train": (len(PAIRS), _epochs(source, 4))},
             writer=True,
+            progress=True,
+            status=said.append,
+            steps={"train": 4},
         )
 
     first = build({"model": "a"})
     assert len(calls) == 8  # 4 steps × 2 micro-batches: one pass over the 32 pairs
+    # Announced once, with its own progress (all 32 rows computed).
+    assert len(said) == 1 and said[0].startswith("precomputing reference log-probs")
+    assert "reference log-probs (train): 100.0% (4/4 steps)" in capsys.readouterr().err
     batch = source.train_micro_batches(16)
     online = reference_forward(policy, batch, T.FORWARD)
     for a, b in zip(first.logps(batch, split="train"), online, strict=True):
@@ -152,6 +159,7 @@ def test_precompute_cache_is_reused_and_keyed(dist_ctx, tmp_path):
     calls.clear()
     again = build({"model": "a"})
     assert calls == [] and again.state() == first.state()  # nothing recomputed
+    assert len(said) == 1 and capsys.readouterr().err == ""  # a full cache: nothing to say
     other = build({"model": "b"})
     assert len(calls) == 8 and other.state() != first.state()  # another key, another cache
 

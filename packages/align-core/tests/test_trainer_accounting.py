@@ -8,9 +8,35 @@ from align_core.algorithms.dpo import DPOStep
 from align_core.reference import resolve_strategy
 from align_core.trainer import TrainerConfig
 from align_core.trainer.data import TrainData
-from align_core.trainer.loop import plan_steps
+from align_core.trainer.loop import plan_steps, resume_length_note
 from align_core.trainer.signals import StopRequest, parse_max_time
 from align_data import CollateConfig, PreferenceExample
+
+
+def test_resume_length_note_names_the_capping_key():
+    kw = {"train_samples": 1000, "global_batch_size": 64, "val_batches": 0}
+    # Raising max_steps to 100 on resume is capped by max_epochs=1 (15 steps per epoch).
+    config = TrainerConfig(max_epochs=1, max_steps=100)
+    plan = plan_steps(config, **kw)
+    note = resume_length_note(10, config, plan, start_step=10)
+    assert note is not None and "\n" not in note
+    assert "original run planned 10 steps, this one 15" in note
+    assert "trainer.max_epochs=1" in note and "re-planned over 15" in note
+    assert "from step 10" in note
+    config = TrainerConfig(max_epochs=3, max_steps=20)
+    note = resume_length_note(
+        30, config, plan_steps(config, **kw), start_step=5, prefix="trainer.kto"
+    )
+    assert note is not None and "this one 20 (set by trainer.kto.max_steps=20)" in note
+    # Same length, or an older checkpoint that did not record it: nothing to say.
+    assert (
+        resume_length_note(15, TrainerConfig(), plan_steps(TrainerConfig(), **kw), start_step=3)
+        is None
+    )
+    assert (
+        resume_length_note(None, TrainerConfig(), plan_steps(TrainerConfig(), **kw), start_step=3)
+        is None
+    )
 
 
 def test_nemo_step_accounting():

@@ -106,6 +106,10 @@ class ProgressSink:
         self._last_val: dict[str, float] = {}
         self._last_train: dict[str, float] = {}
 
+    def status(self, text: str) -> None:
+        """Print one line saying what slow phase starts now (before the bar)."""
+        self.console.print(f"{text} ...", highlight=False, markup=False)
+
     def start(self, plan: RunPlan) -> None:
         """Print the plan and start the bar."""
         self._plan = plan
@@ -128,6 +132,9 @@ class ProgressSink:
             f"{layout}{reference}{resumed}"
         )
         self.console.print(f"run directory: {plan.run_dir}")
+        note = getattr(plan, "resume_note", None)
+        if note:
+            self.console.print(note, highlight=False)
         if self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),

@@ -450,6 +450,9 @@ def precompute_reference(
     splits: Mapping[str, tuple[int, Callable[[], Iterator[list[ModelBatch]]]]],
     writer: bool,
     merge: int = 1,
+    progress: bool = False,
+    status: Callable[[str], None] | None = None,
+    steps: Mapping[str, int] | None = None,
 ) -> PrecomputedReference:
     """Fill (or reuse) the reference cache with one forward pass of ``model`` over the data.
 
@@ -468,21 +471,44 @@ def precompute_reference(
             an iterator of this rank's per-step micro-batch lists.
         writer: Whether this rank writes (last pipeline stage, tensor-parallel rank 0).
         merge: Micro-batches per forward.
+        progress: Print this rank's progress to stderr (`align_data.ProgressPrinter`), once a
+            split has rows to compute; give it on one rank only.
+        status: Told once, before the first step is computed (not when the cache is full).
+        steps: Steps each split's epochs hold in all (the progress total; unknown without).
 
     Returns:
         The reference reading from the filled cache.
     """
+    from align_data import ProgressPrinter
+
     stores: dict[str, ArrayStore] = {}
+    announced = False
     fingerprint = hashlib.blake2b(repr(sorted(key.items())).encode(), digest_size=16).hexdigest()
     for split, (num_rows, epochs) in splits.items():
         store = _open_store(root, {**key, "split": split}, num_rows)
+        printer: ProgressPrinter | None = None
+        seen = 0
         for epoch in epochs():
             filled = np.ones(num_rows, dtype=bool)
             filled[store.missing()] = False
             for micro_batches in epoch:
+                seen += 1
+                if printer is not None:
+                    printer.update(1)
                 rows = torch.cat([mb["cache_rows"] for mb in micro_batches]).numpy()
                 if filled[rows].all():
                     continue
+                if printer is None:
+                    if status is not None and not announced:
+                        status(f"precomputing reference log-probs (cache: {root})")
+                        announced = True
+                    printer = ProgressPrinter(
+                        (steps or {}).get(split, 0),
+                        desc=f"reference log-probs ({split})",
+                        unit="steps",
+                        enabled=progress,
+                    )
+                    printer.done = seen  # steps already cached count as done, unprinted
                 logps = reference_forward(model, micro_batches, forward_fn, merge=merge)
                 for mb, lp in zip(micro_batches, logps, strict=True):
                     if writer:
@@ -492,6 +518,8 @@ def precompute_reference(
             store.flush()
             if dist.is_initialized():
                 dist.barrier()
+        if printer is not None:
+            printer.close()
         stores[split] = store
     return PrecomputedReference(stores, fingerprint)
 

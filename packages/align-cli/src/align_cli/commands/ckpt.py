@@ -55,7 +55,8 @@ def _inspect_pretrained(path: Path, console: Console) -> int:
     kind = "Hugging Face" if checkpoint_format(path) == "hf" else ".nemo"
     with open_pretrained(path) as ckpt:
         model = ckpt.model_config
-        table = Table(title=f"{path} ({kind}, {_mib(_size(path))})", show_header=False)
+        _title(console, f"{path} ({kind}, {_mib(_size(path))})")
+        table = Table(show_header=False)
         table.add_column("")
         table.add_column("")
         architecture = getattr(ckpt, "config", {}).get("architectures")
@@ -84,7 +85,8 @@ def _inspect_run(run_dir: Path, console: Console) -> int:
     from align_cli.rundir import SUMMARY_FILE, read_run_info
 
     info = read_run_info(run_dir)
-    table = Table(title=f"run {run_dir}", show_header=False)
+    _title(console, f"run {run_dir}")
+    table = Table(show_header=False)
     table.add_column("")
     table.add_column("")
     table.add_row("command", f"align run {info.command}")
@@ -109,12 +111,94 @@ def _inspect_run(run_dir: Path, console: Console) -> int:
     return 0
 
 
+def _title(console: Console, text: str) -> None:
+    """A table's title on its own line, never wrapped (paths have no spaces to wrap at)."""
+    console.print(f"[bold]{text}[/]", highlight=False, soft_wrap=True)
+
+
+def _architecture(model: dict[str, Any]) -> str:
+    """``2 layers, hidden size 64, 4 heads, vocab 320, seq 128`` from a saved model config."""
+    parts = []
+    for key, form in (
+        ("num_layers", "{} layers"),
+        ("hidden_size", "hidden size {}"),
+        ("num_attention_heads", "{} heads"),
+        ("vocab_size", "vocab {}"),
+        ("seq_length", "seq {}"),
+    ):
+        if model.get(key) is not None:
+            parts.append(form.format(model[key]))
+    return ", ".join(parts) or "not recorded"
+
+
+def _run_config(path: Path) -> Path | None:
+    """``RUN_DIR/config.yaml`` of ``RUN_DIR/checkpoints/step_*``, when there."""
+    for parent in path.parents:
+        if (parent / "config.yaml").is_file() and (parent / "run.json").is_file():
+            return parent / "config.yaml"
+    return None
+
+
 def _inspect_step(path: Path, console: Console) -> int:
-    table = Table(title=f"checkpoint {path}", show_header=False)
+    from align_core.safe_load import load_weights_only
+
+    table = Table(show_header=False)
     table.add_column("")
-    table.add_column("")
-    table.add_row("size", _mib(_size(path)))
-    table.add_row("files", str(sum(1 for p in path.rglob("*") if p.is_file())))
+    table.add_column("", overflow="fold")
+    common_file = path / "common.pt"
+    common: dict[str, Any] = {}
+    optimizer = False
+    if common_file.is_file():
+        try:
+            saved = load_weights_only(common_file, origin=str(common_file))
+        except ValueError as exc:  # damaged, or a pickle naming a refused global
+            raise UsageError(str(exc)) from exc
+        common = dict(saved.get("common", {})) if isinstance(saved, dict) else {}
+        optimizer = isinstance(saved, dict) and "optimizer" in saved
+    trainer = common.get("trainer_state", {})
+    extra = common.get("extra_state", {})
+    step = common.get("step", trainer.get("step"))
+    table.add_row("step", "unknown (no common.pt)" if step is None else str(step))
+    if trainer:
+        table.add_row(
+            "progress",
+            f"epoch {trainer.get('epoch', '?')}, {trainer.get('consumed_samples', '?')} examples "
+            f"consumed, {trainer.get('skipped_steps', 0)} skipped steps",
+        )
+    model = extra.get("model")
+    table.add_row("model", _architecture(model) if isinstance(model, dict) else "not recorded")
+    layout = common.get("layout")
+    if layout:
+        table.add_row(
+            "layout",
+            f"{layout.get('world_size')} processes, TP={layout.get('tensor_model_parallel_size')} "
+            f"PP={layout.get('pipeline_model_parallel_size')} "
+            f"DP={layout.get('data_parallel_size')}",
+        )
+    if common:
+        has = bool(common.get("has_optimizer", optimizer))
+        kind = " (distributed)" if common.get("distributed_optimizer") else ""
+        table.add_row("optimizer state", f"yes{kind}" if has else "no (weights only)")
+        strategy = trainer.get("reference", {}).get("strategy")
+        if strategy:
+            table.add_row("reference", str(strategy))
+        data = extra.get("data", {})
+        if data:
+            table.add_row(
+                "data",
+                f"{data.get('train_samples')} training examples, global batch "
+                f"{data.get('global_batch_size')}, seed {data.get('seed')}",
+            )
+        planned = extra.get("plan", {}).get("max_steps")
+        if planned is not None:
+            table.add_row("planned steps", str(planned))
+    config = _run_config(path)
+    table.add_row("config", str(config) if config else "none (not inside a run directory)")
+    table.add_row(
+        "size",
+        f"{_mib(_size(path))}, {sum(1 for p in path.rglob('*') if p.is_file())} files",
+    )
+    _title(console, f"checkpoint {path}")
     console.print(table)
     return 0
 
@@ -149,7 +233,7 @@ def init_model(out: str, changes: dict[str, Any], seed: int, console: Console) -
         seed: Seed of the weights.
         console: Where to report.
     """
-    from align_core.config import ModelConfig
+    from align_core.config import ModelConfig, padded_vocab_size
     from align_core.nemo import write_tiny_nemo
 
     changes = {"vocab_size": TINY_VOCAB_SIZE, **changes}
@@ -158,9 +242,12 @@ def init_model(out: str, changes: dict[str, Any], seed: int, console: Console) -
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     path = write_tiny_nemo(out, model, seed=seed)
+    # `ckpt inspect` shows the embedding rows (padded); say both, so the two agree.
+    rows = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
     console.print(
         f"wrote {path} ({count_parameters(model):,} parameters, {model.num_layers} layers, "
-        f"hidden {model.hidden_size}, vocab {model.vocab_size})",
+        f"hidden {model.hidden_size}, vocab_size {model.vocab_size} padded to {rows} embedding "
+        f"rows (a multiple of {model.make_vocab_size_divisible_by}))",
         highlight=False,
     )
     return 0

@@ -202,16 +202,37 @@ def _summary_table(summary: Any, title: str) -> Table:
     return table
 
 
-def _histogram_table(summary: Any) -> Table:
-    table = Table(title="sequence lengths")
+def _histogram_table(histogram: list[tuple[int, int, int]], span: str) -> Table:
+    table = Table(title=f"sequence lengths ({span})")
     table.add_column("tokens", justify="right")
     table.add_column("count", justify="right")
     table.add_column("")
-    peak = max((c for _, _, c in summary.length_histogram), default=0)
-    for lo, hi, count in summary.length_histogram:
+    peak = max((c for _, _, c in histogram), default=0)
+    for lo, hi, count in histogram:
         bar = "#" * (round(30 * count / peak) if peak else 0)
         table.add_row(f"{lo}-{hi}", f"{count:,}", bar)
     return table
+
+
+def _model_seq_length(spec: str) -> int | None:
+    """The sequence length of the model whose tokenizer ``--tokenizer`` names, if it is one."""
+    path = Path(spec)
+    if spec == "byte" or not path.exists():
+        return None
+    if path.suffix == ".nemo" or (
+        path.is_dir() and ((path / "model_config.yaml").exists() or (path / "config.json").exists())
+    ):
+        from align_core.pretrained import open_pretrained
+
+        with open_pretrained(path) as ckpt:
+            return int(ckpt.model_config.seq_length)
+    return None
+
+
+def _tokenizer_line(spec: str, tok: Any) -> str:
+    vocab = getattr(tok, "vocab_size", None)
+    size = f", vocabulary {vocab:,}" if isinstance(vocab, int) else ""
+    return f"tokenizer: {spec} ({type(tok).__name__}{size})"
 
 
 def stats(
@@ -227,21 +248,41 @@ def stats(
     """Print records, tokens, lengths and truncation counts of data files or a dataset directory.
 
     A directory written by ``align data preprocess`` is described from its summary; files are
-    tokenized into a temporary directory first.
+    tokenized into a temporary directory first. The length histogram spans the model's sequence
+    length (``--tokenizer`` a ``.nemo`` or Hugging Face directory), else ``--max-length``, else
+    the longest sequence in the data.
     """
-    from align_data import TokenizedDataset, preprocess
+    from align_data import TokenizedDataset, length_histogram, preprocess
 
+    model_length = None
     if len(files) == 1 and (Path(files[0]) / "meta.json").is_file():
         dataset = TokenizedDataset(files[0])
         summary = dataset.summary
+        lengths = dataset.sequence_lengths()
+        tokenizer_line = "tokenizer: the one it was preprocessed with (see its meta.json)"
     else:
         for path in files:
             if not Path(path).is_file():
                 raise UsageError(f"{path}: no such file")
         wanted = _kind_of(files[0], kind, fmt)
+        model_length = _model_seq_length(tokenizer)
+        if max_length is None and model_length is not None:
+            max_length = model_length  # truncate as training with this model will
         config = _preprocess_config(wanted, fmt, lenient, max_length, None, 1, False, None)
+        tok = load_tokenizer(tokenizer)
+        tokenizer_line = _tokenizer_line(tokenizer, tok)
         with tempfile.TemporaryDirectory(prefix="align-stats-") as tmp:
-            summary = preprocess(files, load_tokenizer(tokenizer), tmp, config).summary
+            dataset = preprocess(files, tok, tmp, config)
+            summary = dataset.summary
+            lengths = dataset.sequence_lengths()
+    longest = int(lengths.max()) if lengths.size else 0
+    if model_length is not None:
+        upper, span = model_length, f"1-{model_length}: the model's seq_length"
+    elif max_length is not None:
+        upper, span = max_length, f"1-{max_length}: --max-length"
+    else:
+        upper, span = max(longest, 1), f"1-{max(longest, 1)}: the longest sequence"
     console.print(_summary_table(summary, ", ".join(files)))
-    console.print(_histogram_table(summary))
+    console.print(tokenizer_line, highlight=False, soft_wrap=True)
+    console.print(_histogram_table(length_histogram(lengths, upper), span))
     return 0

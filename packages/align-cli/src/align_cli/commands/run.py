@@ -334,6 +334,12 @@ def launch(
     status: int | None = None
     try:
         if how.world_size > 1:
+            if not options.quiet:
+                console.print(
+                    f"starting {how.world_size} workers (torchrun, {how.nproc_per_node} per node)"
+                    " ...",
+                    highlight=False,
+                )
             status = run_torchrun(how, run_dir, quiet=options.quiet)
         else:
             status = run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)

@@ -14,6 +14,7 @@ from align_core.trainer.loop import (
     Trainer,
     TrainerState,
     plan_steps,
+    resume_length_note,
 )
 from align_core.trainer.metrics import InMemorySink, MetricsSink, Split, peak_memory_bytes
 from align_core.trainer.run import (
@@ -53,6 +54,7 @@ __all__ = [
     "parse_max_time",
     "peak_memory_bytes",
     "plan_steps",
+    "resume_length_note",
     "sft_view",
     "train",
 ]

@@ -178,7 +178,9 @@ class Datasets:
     summary: str
 
 
-def _files(run: RunConfig, data_dir: Path) -> tuple[list[str], list[str]]:
+def _files(
+    run: RunConfig, data_dir: Path, status: Callable[[str], None] | None = None
+) -> tuple[list[str], list[str]]:
     if run.data.train_files:
         return list(run.data.train_files), list(run.data.validation_files)
     from align_data import write_synthetic_dataset
@@ -188,6 +190,11 @@ def _files(run: RunConfig, data_dir: Path) -> tuple[list[str], list[str]]:
 
     def write() -> Any:
         if not (out / "done").exists():
+            if status is not None:
+                status(
+                    f"building the synthetic data ({syn.num_train} train / "
+                    f"{syn.num_validation} held-out prompts)"
+                )
             write_synthetic_dataset(
                 out, seed=syn.seed, num_train=syn.num_train, num_eval=syn.num_validation
             )
@@ -199,8 +206,16 @@ def _files(run: RunConfig, data_dir: Path) -> tuple[list[str], list[str]]:
     return [str(out / f"{train_name}.jsonl")], [str(out / f"{eval_name}.jsonl")]
 
 
-def load_datasets(run: RunConfig, tokenizer: Tokenizer, seq_length: int) -> Datasets:
+def load_datasets(
+    run: RunConfig,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    *,
+    status: Callable[[str], None] | None = None,
+) -> Datasets:
     """Validate and tokenize the run's data (cached under ``run_dir/data``).
+
+    ``status`` (rank 0) is told before a slow phase starts (building the synthetic data).
 
     Raises:
         align_data.DataError: The first malformed record (strict mode), naming file and line.
@@ -208,7 +223,7 @@ def load_datasets(run: RunConfig, tokenizer: Tokenizer, seq_length: int) -> Data
     from align_data import PreprocessConfig, TokenizeConfig, preprocess
 
     data_dir = Path(run.run_dir) / "data"
-    train_files, val_files = _files(run, data_dir)
+    train_files, val_files = _files(run, data_dir, status)
     main = not dist.is_initialized() or dist.get_rank() == 0
     config = PreprocessConfig(
         kind=_KIND[run.algorithm],

@@ -50,6 +50,7 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "plan_steps",
+    "resume_length_note",
 ]
 
 
@@ -183,6 +184,48 @@ def plan_steps(
     )
 
 
+def _capping_key(config: TrainerConfig, plan: StepPlan, prefix: str) -> str:
+    """The setting that decides ``plan.max_steps``, with its value."""
+    if 0 <= config.max_steps < plan.steps_per_epoch * config.max_epochs:
+        return f"{prefix}.max_steps={config.max_steps}"
+    return f"{prefix}.max_epochs={config.max_epochs} x {plan.steps_per_epoch} steps per epoch"
+
+
+def resume_length_note(
+    saved_max_steps: int | None,
+    config: TrainerConfig,
+    plan: StepPlan,
+    *,
+    start_step: int,
+    prefix: str = "trainer",
+) -> str | None:
+    """One line when a resumed run's length differs from the run that wrote the checkpoint.
+
+    ``trainer.max_steps`` is capped by ``max_epochs`` (and the other way round), so raising one
+    on resume may change nothing, or less than asked; the learning-rate schedule is planned over
+    the run's total steps, so a new length re-plans it from the resumed step on.
+
+    Args:
+        saved_max_steps: The original run's ``max_steps`` (None: an older checkpoint without it).
+        config: This run's trainer settings.
+        plan: This run's plan.
+        start_step: The step resumed from.
+        prefix: Where the trainer's keys live in the user's configuration (the CLI's
+            ``trainer.dpo``), to name the key that sets the length.
+
+    Returns:
+        The line, or None when the lengths agree (or the original is unknown).
+    """
+    if saved_max_steps is None or int(saved_max_steps) == plan.max_steps:
+        return None
+    return (
+        f"run length changed on resume: the original run planned {int(saved_max_steps)} steps, "
+        f"this one {plan.max_steps} (set by {_capping_key(config, plan, prefix)}); the "
+        f"learning-rate schedule is re-planned over {plan.max_steps} total steps and continues "
+        f"from step {start_step}"
+    )
+
+
 def _check_epoch_length(data: BatchSource, plan: StepPlan) -> None:
     """A `TrainData` must end its epochs where the trainer's epochs end."""
     if isinstance(data, TrainData) and data.steps_per_epoch != plan.steps_per_epoch:
@@ -255,7 +298,6 @@ class Trainer:
         self.learning_rate = learning_rate
         self.groups = groups
         self.reference = reference
-        self.device = module_device(model)
         self._save = save
         self.sinks = list(sinks) if groups.is_main else []
         self.stop = stop or StopRequest()
@@ -267,6 +309,7 @@ class Trainer:
             val_batches=data.num_val_batches,
         )
         _check_epoch_length(data, self.plan)
+        self.device = module_device(model)
         self.last_train_metrics: dict[str, float] = {}
         self.last_val_metrics: dict[str, float] = {}
         self.last_checkpoint: str | None = None

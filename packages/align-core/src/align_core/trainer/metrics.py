@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from align_core.trainer.run import RunPlan, RunResult
 
-__all__ = ["InMemorySink", "MetricsSink", "Split", "peak_memory_bytes"]
+__all__ = ["InMemorySink", "MetricsSink", "Split", "announce", "peak_memory_bytes", "shows_status"]
 
 Split = Literal["train", "val"]
 
@@ -100,3 +100,19 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def shows_status(sinks: Sequence[object]) -> bool:
+    """Whether a sink shows status lines (one with a ``status(text)`` method, e.g. a progress bar).
+
+    Sinks need not have one; without any, the run's slow phases stay silent (``--quiet``).
+    """
+    return any(callable(getattr(sink, "status", None)) for sink in sinks)
+
+
+def announce(sinks: Sequence[object], text: str) -> None:
+    """Hand ``text`` (a slow phase about to start) to every sink with a ``status`` method."""
+    for sink in sinks:
+        status = getattr(sink, "status", None)
+        if callable(status):
+            status(text)

@@ -182,6 +182,8 @@ class RunPlan:
         save_interval: Save every this many steps (0: only at the end).
         reference_strategy: The resolved reference strategy (``none`` for SFT).
         resumed_from: Checkpoint directory resumed from, if any.
+        resume_note: One line when the resumed run's length differs from the original's
+            (`align_core.trainer.resume_length_note`), else None.
     """
 
     algorithm: Algorithm
@@ -202,6 +204,7 @@ class RunPlan:
     save_interval: int
     reference_strategy: str
     resumed_from: str | None
+    resume_note: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ is a checkpoint loaded on resume, so π_ref is always the initial policy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,8 +38,8 @@ from align_core.trainer.build import (
 )
 from align_core.trainer.data import TrainData
 from align_core.trainer.finish import FinalExports, export_final, final_formats, fit_and_finish
-from align_core.trainer.loop import ParallelGroups, StepPlan, Trainer
-from align_core.trainer.metrics import MetricsSink
+from align_core.trainer.loop import ParallelGroups, StepPlan, Trainer, resume_length_note
+from align_core.trainer.metrics import MetricsSink, announce, shows_status
 from align_core.trainer.run import RunConfig, RunPlan, RunResult
 from align_core.trainer.signals import StopRequest, parse_max_time
 
@@ -65,6 +66,7 @@ def _build_reference(
     plan: StepPlan,
     data_fingerprint: str,
     groups: ParallelGroups,
+    sinks: Sequence[MetricsSink] = (),
 ) -> ReferencePolicy:
     from megatron.core import parallel_state as ps
 
@@ -122,7 +124,16 @@ def _build_reference(
     root = run.reference.cache_dir or str(Path(run.run_dir) / "reference_cache")
     writer = groups.is_last_stage and ps.get_tensor_model_parallel_rank() == 0
     return precompute_reference(
-        policy, forward_fn, root=root, key=key, splits=splits, writer=writer, merge=merge
+        policy,
+        forward_fn,
+        root=root,
+        key=key,
+        splits=splits,
+        writer=writer,
+        merge=merge,
+        progress=shows_status(sinks),
+        status=lambda text: announce(sinks, text),
+        steps={"train": plan.max_steps, "val": plan.val_batches},
     )
 
 
@@ -145,7 +156,9 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     source = resolve_model_source(run)
     seq_length = run.data.seq_length or source.model.seq_length
-    datasets = load_datasets(run, source.tokenizer, seq_length)
+    datasets = load_datasets(
+        run, source.tokenizer, seq_length, status=lambda text: announce(sinks, text)
+    )
     algorithm: AlgorithmStep = build_algorithm(run, groups.data)
     policy = build_policy(source, run.parallel)
     lora = run.peft is not None
@@ -188,7 +201,16 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     if algorithm.needs_reference:
         strategy = resolve_strategy(run.reference.strategy, lora=lora)
         reference = _build_reference(
-            run, strategy, policy, source, forward_fn, data, plan, datasets.fingerprint, groups
+            run,
+            strategy,
+            policy,
+            source,
+            forward_fn,
+            data,
+            plan,
+            datasets.fingerprint,
+            groups,
+            sinks,
         )
 
     model = wrap_ddp(policy)
@@ -203,9 +225,24 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         "seed": data.seed,
     }
 
+    # The architecture, for `align ckpt inspect` (plain values only: read back weights-only).
+    model_summary = {
+        k: v
+        for k, v in dataclasses.asdict(source.model).items()
+        if v is None or isinstance(v, (bool, int, float, str))
+    }
+
     def save(step: int, trainer_state: dict[str, Any]) -> str:
         path = checkpointer.save(
-            step, model, optimizer, trainer_state=trainer_state, extra_state={"data": data_state}
+            step,
+            model,
+            optimizer,
+            trainer_state=trainer_state,
+            extra_state={
+                "data": data_state,
+                "plan": {"max_steps": plan.max_steps},
+                "model": model_summary,
+            },
         )
         return str(path)
 
@@ -226,6 +263,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         stop=stop,
     )
     resumed = None
+    resume_note = None
     if run.resume:
         loaded = checkpointer.load(model, optimizer)
         if loaded is not None:
@@ -238,6 +276,13 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
             trainer.load_state_dict(loaded.trainer_state)
             resumed = str(loaded.path)
             trainer.mark_saved(resumed)
+            resume_note = resume_length_note(
+                loaded.extra_state.get("plan", {}).get("max_steps"),
+                run.trainer,
+                plan,
+                start_step=trainer.state.step,
+                prefix=f"trainer.{run.algorithm}",
+            )
 
     run_plan = RunPlan(
         algorithm=run.algorithm,
@@ -258,6 +303,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         save_interval=plan.save_interval,
         reference_strategy=strategy,
         resumed_from=resumed,
+        resume_note=resume_note,
     )
     for sink in sinks:
         sink.start(run_plan)
