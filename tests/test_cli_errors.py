@@ -16,9 +16,11 @@ import pytest
 
 
 def _assert_one_line(result, expected: str) -> None:
+    """Exit 2; the error is stderr's one line; stdout has at most status lines, no traceback."""
     shown = result.stdout + result.stderr
     assert result.returncode == 2, shown
-    assert [line for line in shown.splitlines() if line.strip()] == [expected], shown
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [expected], shown
+    assert "Traceback" not in result.stdout and "[rank" not in result.stdout, shown
 
 
 @pytest.mark.distributed
