@@ -244,3 +244,15 @@ def test_data_preprocess_writes_then_reuses(synthetic, tmp_path: Path) -> None:
     stats = invoke("data", "stats", directory)
     assert stats.exit_code == 0
     assert "unpaired" in stats.output and "80" in stats.output  # 40 pairs -> 80 examples
+
+
+def test_run_commands_and_help_match_the_algorithm_registry() -> None:
+    """`main` keeps a torch-free copy of the registry's commands and help lines."""
+    from align_cli import main
+    from align_cli.config.presets import COMMANDS
+    from align_core.algorithms import REGISTRY
+
+    assert tuple(main._RUN_HELP) == COMMANDS == tuple(REGISTRY)
+    assert {name: spec.help for name, spec in REGISTRY.items()} == main._RUN_HELP
+    for name, spec in REGISTRY.items():
+        assert main._SECTIONS.get(name, name) == spec.section

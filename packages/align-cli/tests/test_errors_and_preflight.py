@@ -114,6 +114,23 @@ def test_kto_micro_batch_of_one_fails_before_launching(tmp_path: Path, synthetic
         assert not run_dir.exists()
 
 
+def test_adapters_reference_without_lora_fails_like_training(tmp_path: Path) -> None:
+    """The dry run and the launch check use training's own check (`resolve_strategy`)."""
+    run_dir = tmp_path / "run"
+    for dry in (("--dry-run",), ()):
+        result = invoke(
+            "run",
+            "dpo",
+            *dry,
+            "model.reference.strategy=adapters",
+            f"exp_manager.explicit_log_dir={run_dir}",
+        )
+        assert result.exit_code == 2
+        (line,) = error_lines(result.output)
+        assert line.startswith("error: model.reference.strategy=adapters needs LoRA")
+        assert not run_dir.exists()
+
+
 def test_batch_errors_say_what_to_set(synthetic) -> None:
     data = f"model.data.data_prefix={synthetic.unpaired_train}"
     result = invoke("run", "kto", "--dry-run", data, "model.micro_batch_size=2")

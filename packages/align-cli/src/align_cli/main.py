@@ -124,6 +124,10 @@ def _exit(status: int) -> None:
     raise typer.Exit(status)
 
 
+# The commands and their help lines, in `align run --help` order: a copy of align-core's
+# algorithm registry (`align_core.algorithms.REGISTRY`, `AlgorithmSpec.help`/`.section`), kept
+# here because reading it imports torch and `align --help` must stay fast; a test checks that
+# the two agree.
 _RUN_HELP = {
     "dpo": "Direct preference optimisation (model.dpo.*; cDPO via label_smoothing).",
     "ipo": "IPO: DPO-family run with model.dpo.preference_loss=ipo.",
@@ -136,6 +140,10 @@ _RUN_HELP = {
     "kd": "Distil a student from teacher top-k logits (model.knowledge_distillation.*; the "
     "teacher: .teacher.directory, .teacher.nemo_jsonl or .teacher.restore_from_path).",
 }
+
+_SECTIONS = {"ipo": "dpo", "rpo": "dpo", "kd": "knowledge_distillation"}
+"""The ``trainer.<section>`` of a command, where it is not the command's name (the registry's
+`AlgorithmSpec.section`)."""
 
 _RUN_EPILOG = (
     "Examples: align run {cmd} (demo: tiny model, synthetic data) | align run {cmd} "
@@ -195,7 +203,7 @@ _MasterPort = Annotated[
 
 
 def _register_run(command: str) -> None:
-    algo = {"ipo": "dpo", "rpo": "dpo", "kd": "knowledge_distillation"}.get(command, command)
+    algo = _SECTIONS.get(command, command)
 
     def run_command(
         ctx: typer.Context,
@@ -247,7 +255,7 @@ def _register_run(command: str) -> None:
     )(run_command)
 
 
-for _command in ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd"):
+for _command in _RUN_HELP:
     _register_run(_command)
 
 

@@ -50,7 +50,6 @@ __all__ = [
     "plan_nemo_kd_data",
 ]
 
-_KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -199,10 +198,11 @@ class DataPlan:
 
 
 def _preprocess(files: list[str], run: Any, tokenizer: Any, tmp: Path, max_length: int) -> Any:
+    from align_core.algorithms import get_algorithm
     from align_data import PreprocessConfig, TokenizeConfig, preprocess
 
     config = PreprocessConfig(
-        kind=_KIND[run.algorithm],  # type: ignore[arg-type]
+        kind=get_algorithm(run.algorithm).data_kind,
         format=run.data.format,  # type: ignore[arg-type]
         strict=run.data.strict,
         tokenize=TokenizeConfig(max_length=max_length, overlong=run.data.over_long),
@@ -231,6 +231,7 @@ def plan_data(run: Any, source: Any, files_key: str = "model.data.data_prefix") 
             val_files = list(run.data.validation_files)
             sources = ", ".join(train_files)
         else:
+            from align_core.algorithms import get_algorithm
             from align_data import write_synthetic_dataset
 
             synthetic = run.data.synthetic
@@ -240,10 +241,9 @@ def plan_data(run: Any, source: Any, files_key: str = "model.data.data_prefix") 
                 num_train=synthetic.num_train,
                 num_eval=synthetic.num_validation,
             )
-            kind = _KIND[run.algorithm]
-            prefix = {"preference": "preference", "unpaired": "unpaired", "sft": "sft"}[kind]
-            train_files = [str(getattr(files, f"{prefix}_train"))]
-            val_files = [str(getattr(files, f"{prefix}_eval"))]
+            train_name, eval_name = get_algorithm(run.algorithm).synthetic_splits
+            train_files = [str(getattr(files, train_name))]
+            val_files = [str(getattr(files, eval_name))]
             sources = (
                 f"synthetic task (seed {synthetic.seed}, {synthetic.num_train} train / "
                 f"{synthetic.num_validation} held-out prompts)"
@@ -339,7 +339,9 @@ def dry_run(prepared: Prepared, console: Console) -> int:
     steps, steps_text = _steps(algorithm, run, data, val_batches, launch.world_size)
     model = source.model
     reference = checked.reference
-    sequences = {"dpo": 2, "kto": 2, "sft": 1, "spin": 2, "kd": 1}[algorithm]
+    from align_core.algorithms import get_algorithm
+
+    sequences = get_algorithm(algorithm).sequences_per_example
     memory = estimate_memory(
         model,
         tensor_parallel_size=parallel.tensor_model_parallel_size,

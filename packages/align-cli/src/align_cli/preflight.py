@@ -36,8 +36,6 @@ __all__ = [
     "with_batch_hint",
 ]
 
-_PREFERENCE = ("dpo", "kto", "sft")
-
 
 def model_source(run: Any) -> Any:
     """The architecture and tokenizer the trainer will use (align-core's own resolution)."""
@@ -62,13 +60,17 @@ def core_view(algorithm: str, run: Any) -> Any:
 
 
 def resolved_reference(algorithm: str, run: Any) -> str:
-    """The reference strategy the trainer will use (``none`` for SFT and distillation).
+    """The reference strategy the trainer will use (``none`` when the algorithm needs none).
+
+    Whether a reference is needed is the algorithm registry's answer for the run's settings;
+    the strategy is resolved by align-core's `resolve_strategy`, the check training makes.
 
     Raises:
-        UsageError: A SPIN opponent strategy that cannot hold the opponent.
+        UsageError: A strategy that cannot apply (``adapters`` without LoRA), or a SPIN
+            opponent strategy that cannot hold the opponent; the message names the key.
     """
-    if algorithm in ("sft", "kd"):
-        return "none"
+    from align_core.algorithms import get_algorithm
+
     if algorithm == "spin":
         from align_core.trainer.spin import resolve_opponent_strategy
 
@@ -76,10 +78,15 @@ def resolved_reference(algorithm: str, run: Any) -> str:
             return resolve_opponent_strategy(run.reference)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-    strategy = run.reference.strategy
-    if strategy != "auto":
-        return strategy
-    return "adapters" if run.peft is not None else "precompute"
+    spec = get_algorithm(algorithm)
+    if not spec.needs_reference(getattr(run, spec.section)):
+        return "none"
+    from align_core.reference import resolve_strategy
+
+    try:
+        return resolve_strategy(run.reference.strategy, lora=run.peft is not None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def data_parallel_size(run: Any, world_size: int) -> int:
@@ -215,7 +222,9 @@ def preflight(prepared: Prepared) -> Preflight:
     algorithm = prepared.composed.algorithm
     run = prepared.run
     dp, accumulation = check_batch(run, prepared.launch.world_size)
-    if algorithm in _PREFERENCE:
+    from align_core.algorithms import get_algorithm
+
+    if get_algorithm(algorithm).shared_loop:
         from align_core.trainer.session import _check_config  # the trainer's own config check
 
         try:

@@ -12,7 +12,7 @@ number of labelled tokens over every micro-batch and data-parallel rank of the s
 batch 1 × accumulation 8 equals micro-batch 8 × accumulation 1 and the result does not depend on
 how tokens are spread over ranks. (NeMo-Aligner averages per micro-batch instead.)
 
-`KDStep` has the shape of ``align_core.algorithms.AlgorithmStep`` (build a model batch, the
+`KDStep` has the shape of ``align_core.algorithms.contract.AlgorithmStep`` (build a model batch, the
 global normaliser, the loss function, the logged metrics), so align-core's trainer loop runs it.
 Model batches carry the teacher's top-k aligned with the label positions:
 
@@ -230,7 +230,7 @@ def kd_loss_and_metrics(
 
 @dataclass(frozen=True)
 class KDStep:
-    """Distillation as an ``align_core.algorithms.AlgorithmStep`` (see the module docstring).
+    """Distillation as an ``align_core.algorithms.contract.AlgorithmStep`` (see module docstring).
 
     Attributes:
         config: The distillation knobs.

@@ -12,15 +12,15 @@ __all__ = ["COMMANDS", "DEMO", "VARIANTS", "algorithm_of", "check_variant"]
 
 from align_cli.config.schema import section_of
 from align_cli.errors import ConfigError
+from align_core.algorithms import REGISTRY
 
-COMMANDS = ("dpo", "ipo", "rpo", "kto", "sft", "spin", "kd")
-"""What may follow ``align run``."""
+COMMANDS = tuple(REGISTRY)
+"""What may follow ``align run`` (align-core's algorithm registry)."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ipo": {"model": {"dpo": {"preference_loss": "ipo"}}},
-    # Reward-aware preference optimisation as in the Nemotron-4 340B report: the backward KL
-    # between Bernoulli(sigma(eta * reward gap)) and Bernoulli(sigma(beta * margin)).
-    "rpo": {"model": {"dpo": {"preference_loss": "rpo_bwd_kl"}}},
+    spec.name: {"model": {spec.section: dict(spec.preset)}}
+    for spec in REGISTRY.values()
+    if spec.is_preset
 }
 """Presets of ``align run ipo`` and ``align run rpo`` (both are DPO-family runs)."""
 
@@ -70,7 +70,7 @@ def algorithm_of(command: str) -> str:
     """The configuration tree of a command: ``ipo`` and ``rpo`` are ``dpo`` runs."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; one of {', '.join(COMMANDS)}")
-    return "dpo" if command in ("ipo", "rpo") else command
+    return REGISTRY[command].base
 
 
 def check_variant(command: str, preference_loss: str | None) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from align_cli.config.structured import FieldSpec, build, extract, flat_fields, typed_section
 from align_cli.errors import ConfigError
-from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
+from align_core.algorithms import REGISTRY
 from align_core.config import ModelConfig, ParallelConfig
 from align_core.lora import LoraConfig
 from align_core.optim import OptimizerConfig, SchedulerConfig
@@ -66,15 +66,17 @@ __all__ = [
 ]
 
 TreeAlgorithm = Literal["dpo", "kto", "sft", "spin", "kd", "kd_teacher", "generate"]
-ALGORITHMS: dict[str, type] = {"dpo": DPOConfig, "kto": KTOConfig, "sft": SFTConfig}
-"""The preference and SFT trees made by this module (the others: `align_cli.config.trees`)."""
+ALGORITHMS: dict[str, type] = {
+    spec.name: spec.config_class
+    for spec in REGISTRY.values()
+    if spec.shared_loop and not spec.is_preset and spec.config_class is not None
+}
+"""The preference and SFT trees made by this module (the others: `align_cli.config.trees`).
+
+Read from align-core's algorithm registry: the algorithms of the shared training loop."""
 
 ALGORITHM_SECTIONS: dict[str, str] = {
-    "dpo": "dpo",
-    "kto": "kto",
-    "sft": "sft",
-    "spin": "spin",
-    "kd": "knowledge_distillation",
+    spec.name: spec.section for spec in REGISTRY.values() if not spec.is_preset
 }
 """Training tree -> the name of its ``trainer.<section>`` and ``model.<section>`` (NeMo's)."""
 

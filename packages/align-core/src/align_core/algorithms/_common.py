@@ -1,4 +1,7 @@
-"""Pieces every algorithm module shares: the step protocol, model-batch layout, reductions.
+"""Pieces every algorithm module shares: model-batch layout helpers and reductions.
+
+The step protocol (`AlgorithmStep`) and the `ModelBatch` alias are public, in
+`align_core.algorithms.contract`; they are re-exported here for the algorithm modules.
 
 A *model batch* is a ``dict[str, Tensor]`` that `align_core.schedule.forward_backward` hands to
 the forward (``tokens``, ``labels``, ``position_ids``, ``attention_mask``) and then to the
@@ -21,13 +24,11 @@ Labels are aligned with positions: ``labels[:, t]`` is the token predicted at po
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from align_core.schedule import LossFn
-from align_data.collate import CollateConfig
+from align_core.algorithms.contract import IGNORE_INDEX, AlgorithmStep, ModelBatch
 
 __all__ = [
     "IGNORE_INDEX",
@@ -41,51 +42,6 @@ __all__ = [
     "sum_metrics",
     "upcast",
 ]
-
-IGNORE_INDEX = -100
-ModelBatch = dict[str, Tensor]
-
-
-class AlgorithmStep(Protocol):
-    """What the trainer needs from an algorithm (DPO family, KTO, SFT).
-
-    Attributes:
-        name: ``"dpo"``, ``"kto"`` or ``"sft"``.
-        needs_reference: Whether the loss uses reference log-probs.
-        ref_shape: Per-example width of the reference log-probs (2 for a pair, 2 for a KTO
-            sample and its KL sample, 0 without a reference).
-    """
-
-    name: str
-    needs_reference: bool
-    ref_shape: int
-
-    def build_micro_batch(self, examples: Sequence[Any], collate: CollateConfig) -> ModelBatch:
-        """Collate tokenized examples (align-data) into one padded model batch."""
-        ...
-
-    def build_packed_micro_batch(
-        self, examples: Sequence[Any], collate: CollateConfig, capacity: int
-    ) -> ModelBatch:
-        """Pack tokenized examples into rows of ``capacity`` positions (one model batch)."""
-        ...
-
-    def normalizer(self, micro_batches: Sequence[ModelBatch], global_examples: int) -> Tensor:
-        """The global-batch normaliser of the loss: examples, or tokens for token-mean losses.
-
-        Runs on every rank; may all-reduce (token counts) over the data-parallel group. The
-        micro-batches are on the model's device (the trainer moves them first) and so is the
-        result (`batch_device`), as NCCL requires of what it reduces.
-        """
-        ...
-
-    def loss_fn(self, normalizer: Tensor) -> LossFn:
-        """``(batch, token_logps) -> (loss, metric sums)`` with ``loss = Σ losses / normalizer``."""
-        ...
-
-    def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """Turn metric sums reduced over the global batch into the logged metrics."""
-        ...
 
 
 def batch_device(micro_batches: Sequence[ModelBatch]) -> torch.device:

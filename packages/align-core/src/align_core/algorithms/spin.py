@@ -221,7 +221,7 @@ def _micro_batch_loss(
 
 @dataclass(frozen=True)
 class SPINStep:
-    """One SPIN iteration as an `align_core.algorithms._common.AlgorithmStep`.
+    """One SPIN iteration as an `align_core.algorithms.contract.AlgorithmStep`.
 
     Training micro-batches are pairs (`spin_model_batch`); validation micro-batches are SFT
     examples scored by their token-mean NLL (their reference log-probs are not used).

@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from align_core.algorithms._common import AlgorithmStep
-from align_core.algorithms.dpo import DPOStep
-from align_core.algorithms.kto import KTOStep
-from align_core.algorithms.sft import SFTStep
+from align_core.algorithms.contract import AlgorithmStep
+from align_core.algorithms.registry import AlgorithmSpec, get_algorithm
 from align_core.config import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
@@ -30,21 +28,16 @@ if TYPE_CHECKING:
 __all__ = [
     "Datasets",
     "ModelSource",
+    "algorithm_config",
     "build_algorithm",
     "load_datasets",
+    "needs_reference",
     "on_main_then_all",
     "resolve_model_source",
     "tokenizer_from_spec",
 ]
 
 T = TypeVar("T")
-
-_KIND = {"dpo": "preference", "kto": "unpaired", "sft": "sft"}
-_SYNTHETIC = {
-    "dpo": ("preference_train", "preference_eval"),
-    "kto": ("unpaired_train", "unpaired_eval"),
-    "sft": ("sft_train", "sft_eval"),
-}
 
 
 def on_main_then_all(fn: Callable[[], T]) -> T:
@@ -202,7 +195,7 @@ def _files(
         return None
 
     on_main_then_all(write)
-    train_name, eval_name = _SYNTHETIC[run.algorithm]
+    train_name, eval_name = get_algorithm(run.algorithm).synthetic_splits
     return [str(out / f"{train_name}.jsonl")], [str(out / f"{eval_name}.jsonl")]
 
 
@@ -226,7 +219,7 @@ def load_datasets(
     train_files, val_files = _files(run, data_dir, status)
     main = not dist.is_initialized() or dist.get_rank() == 0
     config = PreprocessConfig(
-        kind=_KIND[run.algorithm],
+        kind=get_algorithm(run.algorithm).data_kind,
         format=run.data.format,  # type: ignore[arg-type]
         strict=run.data.strict,
         tokenize=TokenizeConfig(max_length=seq_length + 1, overlong=run.data.over_long),
@@ -246,26 +239,31 @@ def load_datasets(
 # -------------------------------------------------------------------------------- algorithm
 
 
+def algorithm_config(run: RunConfig) -> Any:
+    """The settings of ``run.algorithm`` (``run.dpo``, ``run.kto`` or ``run.sft``)."""
+    return getattr(run, get_algorithm(run.algorithm).section)
+
+
 def build_algorithm(run: RunConfig, data_group: dist.ProcessGroup | None) -> AlgorithmStep:
     """The algorithm step of ``run.algorithm`` (KTO and SFT reduce over ``data_group``)."""
-    if run.algorithm == "dpo":
-        return DPOStep(run.dpo)
-    if run.algorithm == "kto":
-        return KTOStep(run.kto, group=data_group)
-    if run.algorithm == "sft":
-        return SFTStep(run.sft, group=data_group)
-    raise ValueError(f"unknown algorithm {run.algorithm!r}")
+    spec = get_algorithm(run.algorithm)
+    if not spec.shared_loop:
+        raise ValueError(f"unknown algorithm {run.algorithm!r}")
+    return spec.build_step(algorithm_config(run), data_group)
+
+
+def needs_reference(run: RunConfig) -> bool:
+    """Whether ``run`` needs reference log-probs (its algorithm's registry entry decides)."""
+    return get_algorithm(run.algorithm).needs_reference(algorithm_config(run))
 
 
 def reference_merge(run: RunConfig) -> int:
     """Training micro-batches per reference forward (``log_prob_forward_micro_batch_size``)."""
-    mbs = run.data.micro_batch_size
-    if run.algorithm == "dpo":
-        size, unit = run.dpo.log_prob_forward_micro_batch_size, mbs
-    elif run.algorithm == "kto":
-        size, unit = run.kto.log_prob_forward_micro_batch_size, 2 * mbs
-    else:
+    spec: AlgorithmSpec = get_algorithm(run.algorithm)
+    if not spec.reference_unit:
         return 1
+    size = algorithm_config(run).log_prob_forward_micro_batch_size
+    unit = spec.reference_unit * run.data.micro_batch_size
     if size is None:
         return 1
     if size % unit:

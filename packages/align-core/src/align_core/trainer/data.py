@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from align_core.algorithms._common import AlgorithmStep, ModelBatch, pad_model_batch
+from align_core.algorithms._common import pad_model_batch
 from align_core.algorithms._packed import pad_packed_model_batch
+from align_core.algorithms.contract import AlgorithmStep, ModelBatch
 
 __all__ = ["TrainData", "epoch_order"]
 

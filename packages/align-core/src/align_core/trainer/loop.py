@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from align_core.algorithms._common import AlgorithmStep, ModelBatch, sum_metrics
+from align_core.algorithms._common import sum_metrics
+from align_core.algorithms.contract import AlgorithmStep, ModelBatch
 from align_core.device import module_device, to_device
 from align_core.reference import ReferencePolicy
 from align_core.schedule import ForwardFn, broadcast_from_last_stage, forward_backward

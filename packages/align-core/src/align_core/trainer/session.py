@@ -15,8 +15,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from align_core.algorithms._common import AlgorithmStep, ModelBatch
 from align_core.algorithms._packed import packed_forward
+from align_core.algorithms.contract import AlgorithmStep, ModelBatch
+from align_core.algorithms.registry import REGISTRY, get_algorithm
 from align_core.reference import (
     AdapterReference,
     ModelReference,
@@ -32,6 +33,7 @@ from align_core.trainer.build import (
     build_algorithm,
     build_policy,
     load_datasets,
+    needs_reference,
     on_main_then_all,
     reference_merge,
     resolve_model_source,
@@ -49,11 +51,17 @@ __all__ = ["run_training"]
 def _pack_capacity(run: RunConfig, seq_length: int) -> int | None:
     if not run.data.packing:
         return None
-    if run.algorithm == "kto":
-        raise ValueError("model.data.packing is supported for dpo and sft, not kto")
+    spec = get_algorithm(run.algorithm)
+    if spec.pack_factor is None:
+        packable = [
+            s.name for s in REGISTRY.values() if s.shared_loop and not s.is_preset and s.pack_factor
+        ]
+        raise ValueError(
+            f"model.data.packing is supported for {' and '.join(packable)}, not {run.algorithm}"
+        )
     if run.data.pack_size is not None:
         return run.data.pack_size
-    return 2 * seq_length if run.algorithm == "dpo" else seq_length
+    return spec.pack_factor * seq_length
 
 
 def _build_reference(
@@ -190,7 +198,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         data_parallel_size=ctx.data_parallel_size,
         seed=run.data.seed,
         shuffle=run.data.shuffle,
-        per_epoch_cache_rows=run.algorithm == "kto",
+        per_epoch_cache_rows=get_algorithm(run.algorithm).per_epoch_reference,
         pack_capacity=capacity,
         epoch_batches=plan.steps_per_epoch,
     )
@@ -198,7 +206,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     strategy = "none"
     reference = None
-    if algorithm.needs_reference:
+    if needs_reference(run):
         strategy = resolve_strategy(run.reference.strategy, lora=lora)
         reference = _build_reference(
             run,
