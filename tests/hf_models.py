@@ -365,3 +365,21 @@ def tiny_tokenizer():
         model_max_length=256,
         chat_template=CHATML_TEMPLATE,
     )
+
+
+def write_chat_pairs(path: Path, pairs: list[tuple[str, str, str]]) -> Path:
+    """Write ``(question, chosen, rejected)`` triples as chat-message preference JSONL.
+
+    Each line is ``{"prompt": [user turn], "chosen": [assistant turn], "rejected": [...]}``,
+    the format align-data renders through the model's chat template.
+    """
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+        for question, chosen, rejected in pairs
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -140,7 +140,7 @@ def test_hf_align_hf_round_trip_is_exact(smollm2_dir: Path, tmp_path: Path, alig
 
 
 def test_dpo_from_hf_writes_final_hf(
-    smollm2_dir: Path, transformers_model, tmp_path: Path, align, metrics
+    smollm2_dir: Path, transformers_model, tmp_path: Path, align, metrics, hf_models
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,16 +151,7 @@ def test_dpo_from_hf_writes_final_hf(
         ("What is two plus three?", "Five.", "Six."),
         ("Say hello.", "Hello!", "Goodbye."),
     ]
-    data.write_text(
-        "".join(
-            json.dumps({
-                "prompt": [{"role": "user", "content": p}],
-                "chosen": [{"role": "assistant", "content": c}],
-                "rejected": [{"role": "assistant", "content": r}],
-            }) + "\n"
-            for p, c, r in pairs
-        )
-    )  # fmt: skip
+    hf_models.write_chat_pairs(data, pairs)
     run_dir = tmp_path / "run"
     align(
         "run", "dpo", "-q", "--restore", str(smollm2_dir),

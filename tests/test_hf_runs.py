@@ -47,16 +47,7 @@ def lora_run(hf_models, tmp_path_factory, align) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("hf-lora-run")
     source = hf_models.tiny_hf_model("llama", root / "llama")
     data = root / "pairs.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({
-                "prompt": [{"role": "user", "content": p}],
-                "chosen": [{"role": "assistant", "content": c}],
-                "rejected": [{"role": "assistant", "content": r}],
-            }) + "\n"
-            for p, c, r in PAIRS
-        )
-    )  # fmt: skip
+    hf_models.write_chat_pairs(data, PAIRS)
     run_dir = root / "run"
     align(
         "run", "dpo", "-q", "--restore", str(source),
