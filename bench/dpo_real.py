@@ -161,13 +161,13 @@ def describe_lengths(lengths: Sequence[tuple[int, int]]) -> str:
     )
 
 
-def longest_rows(assets: dict[str, Any], count: int, workdir: Path) -> Path:
+def longest_rows(assets: dict[str, Any], count: int, workdir: Path, repeat: int = 2) -> Path:
     """A JSONL of the ``count`` pairs with the most tokens (the worst micro batch of the data),
-    in their original order."""
+    in their original order, ``repeat`` times over (one batch per step of a memory probe)."""
     order = sorted(range(len(assets["rows"])), key=lambda i: -sum(assets["lengths"][i]))
     keep = sorted(order[:count])
-    path = workdir / f"longest-{count}.jsonl"
-    path.write_text("".join(json.dumps(assets["rows"][i]) + "\n" for i in keep))
+    path = workdir / f"longest-{count}x{repeat}.jsonl"
+    path.write_text("".join(json.dumps(assets["rows"][i]) + "\n" for i in keep) * repeat)
     return path
 
 

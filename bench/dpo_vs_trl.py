@@ -48,13 +48,14 @@ Configurations: TRL defaults (reference model, gradient checkpointing), TRL's fa
 align with full recomputation. Needs ``uv sync --group hf --group bench`` (without TRL: align only).
 
 ``--mem-cap-gib G`` (smollm2) then finds, for each configuration, the largest micro batch that
-trains one step on the longest pairs of the data without the process tree's memory going above
-G GiB: the resident set of the child plus the private memory (USS) of the helpers it forks is
-polled every 20 ms and the tree is killed above the cap, and the child's kernel-counted peak RSS
-must also be within the cap (no cgroup is used: the machine's cgroup hierarchy is not ours to
-change, and ``RLIMIT_AS`` would count the CUDA wheels' virtual mappings). Doubling from the
-benchmark's micro batch (2), then bisection until the largest fit and the smallest failure are
-less than an eighth apart. Roughly half an hour on a quiet machine.
+trains two steps, each on the same longest pairs of the data (AdamW's state only exists from the
+second step on), without the process tree's memory going above G GiB: the resident set of the
+child plus the private memory (USS) of the helpers it forks is polled every 20 ms and the tree
+is killed above the cap, and the child's kernel-counted peak RSS must also be within the cap (no
+cgroup is used: the machine's cgroup hierarchy is not ours to change, and ``RLIMIT_AS`` would
+count the CUDA wheels' virtual mappings). Doubling from the benchmark's micro batch (2), then
+bisection until the largest fit and the smallest failure are less than an eighth apart. About
+half an hour on a quiet machine.
 
     uv run python bench/dpo_vs_trl.py --model smollm2                     # ~15 min
     uv run python bench/dpo_vs_trl.py --model smollm2 --mem-cap-gib 8     # + the cap search
@@ -119,6 +120,9 @@ class Setup:
 TOY = Setup("toy", PAIRS_PER_STEP, PAIRS_PER_STEP, STEPS, WARMUP, MAX_LENGTH, LR, False)
 SMOLLM2 = Setup("smollm2", 8, 2, 8, 2, 256, 1e-6, True)
 LN2 = 0.6931471805599453
+# A memory probe trains this many steps on the same worst micro batch: AdamW's state is created
+# by the first optimizer step, so only from the second step on do it and the activations coexist.
+PROBE_STEPS = 2
 
 
 @dataclass
@@ -141,6 +145,10 @@ class Result:
             per timed step: less sensitive than wall time to other processes on a busy machine.
         tokens_per_cpu_s: Real tokens per CPU second over the timed steps (a run that keeps
             both cores busy all the time reaches half its tokens/s on a quiet machine).
+        median_step_tokens_per_s: Median over the timed steps of each step's tokens / seconds
+            (robust to a burst of other work on a shared machine slowing one step).
+        step_seconds: Wall seconds of every step (from the end of the one before; NaN for
+            step 1).
     """
 
     name: str
@@ -154,6 +162,22 @@ class Result:
     load: float = float("nan")
     cpu_s_per_step: float = float("nan")
     tokens_per_cpu_s: float = float("nan")
+    median_step_tokens_per_s: float = float("nan")
+    step_seconds: tuple[float, ...] = ()
+
+
+def median_step_rate(
+    step_tokens: dict[int, float], ends: dict[int, float], first: int, last: int
+) -> float:
+    """Median of tokens / seconds over steps ``first..last`` (``ends``: each step's end time)."""
+    return statistics.median(
+        step_tokens[s] / (ends[s] - ends[s - 1]) for s in range(first, last + 1)
+    )
+
+
+def step_durations(ends: dict[int, float]) -> tuple[float, ...]:
+    """Seconds of every step from the end of the previous one (NaN for the first)."""
+    return tuple(ends[s] - ends[s - 1] if s - 1 in ends else float("nan") for s in sorted(ends))
 
 
 # ----------------------------------------------------------------------------- shared assets
@@ -300,10 +324,13 @@ def run_align(assets: dict[str, Any], variant: str, workdir: Path, setup: Setup 
     else:
         peak = proc.peak_bytes / 2**20
     cpu = proc.cpu_between(train[warmup]["time"], train[steps]["time"])
+    ends = {s: r["time"] for s, r in train.items()}
     return Result(
         name=name,
         cpu_s_per_step=cpu / len(timed),
         tokens_per_cpu_s=tokens / cpu,
+        median_step_tokens_per_s=median_step_rate(step_tokens, ends, warmup + 1, steps),
+        step_seconds=step_durations(ends),
         s_per_step=wall / len(timed),
         tokens_per_s=tokens / wall,
         tokens_per_step=tokens / len(timed),
@@ -466,8 +493,7 @@ def trl_worker(config: dict[str, Any]) -> dict[str, Any]:
         "startup_s": marks[1],  # absolute; the parent subtracts its launch time
         "first_loss": first_loss,
         "step_tokens": [tokens[s] for s in sorted(tokens)],
-        "timed_from": marks.get(warmup, float("nan")),  # absolute, for the CPU time
-        "timed_to": marks[steps],
+        "marks": marks,  # absolute step-end times, for the CPU time and the step rates
     }
 
 
@@ -517,9 +543,15 @@ def run_trl(
     data["step_tokens"] = tuple(round(t) for t in data["step_tokens"])
     if setup.model != "toy":
         data["peak_mib"] = proc.peak_bytes / 2**20
-    cpu = proc.cpu_between(data.pop("timed_from"), data.pop("timed_to"))
+    ends = {int(k): v for k, v in data.pop("marks").items()}
+    cpu = proc.cpu_between(ends[setup.warmup], ends[setup.steps])
     data["cpu_s_per_step"] = cpu / (setup.steps - setup.warmup)
     data["tokens_per_cpu_s"] = data["tokens_per_step"] * (setup.steps - setup.warmup) / cpu
+    step_tokens = dict(enumerate(data["step_tokens"], start=1))
+    data["median_step_tokens_per_s"] = median_step_rate(
+        step_tokens, ends, setup.warmup + 1, setup.steps
+    )
+    data["step_seconds"] = step_durations(ends)
     return Result(name=trl_name(gc, precompute), load=os.getloadavg()[0], **data)
 
 
@@ -532,11 +564,12 @@ def median(results: list[Result]) -> Result:
     fields = {
         k: statistics.median(getattr(r, k) for r in results)
         for k in asdict(results[0])
-        if k not in ("name", "step_tokens", "load")
+        if k not in ("name", "step_tokens", "load", "step_seconds")
     }
     return Result(
         name=results[0].name,
         step_tokens=results[0].step_tokens,
+        step_seconds=results[0].step_seconds,
         load=max(r.load for r in results),
         **fields,
     )
@@ -546,14 +579,16 @@ def print_table(title: str, rows: list[Result]) -> None:
     """A plain-text table (this script has no dependency beyond align and, optionally, TRL)."""
     print(f"\n{title}")
     header = (
-        f"{'run':<48} {'s/step':>7} {'tok/s':>7} {'CPU s/step':>10} {'tok/CPU-s':>9} "
-        f"{'tok/step':>8} {'peak MiB':>9} {'step1 s':>8} {'loss@1':>8} {'load':>5}"
+        f"{'run':<48} {'s/step':>7} {'tok/s':>7} {'med tok/s':>9} {'CPU s/step':>10} "
+        f"{'tok/CPU-s':>9} {'tok/step':>8} {'peak MiB':>9} {'step1 s':>8} {'loss@1':>8} "
+        f"{'load':>5}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r.name:<48} {r.s_per_step:>7.3f} {r.tokens_per_s:>7.0f} {r.cpu_s_per_step:>10.3f} "
+            f"{r.name:<48} {r.s_per_step:>7.3f} {r.tokens_per_s:>7.0f} "
+            f"{r.median_step_tokens_per_s:>9.0f} {r.cpu_s_per_step:>10.3f} "
             f"{r.tokens_per_cpu_s:>9.0f} {r.tokens_per_step:>8.1f} {r.peak_mib:>9.0f} "
             f"{r.startup_s:>8.1f} {r.first_loss:>8.4f} {r.load:>5.1f}"
         )
@@ -632,8 +667,8 @@ def memory_cap(
     cap_gib: float,
     limit: int,
 ) -> list[dict[str, Any]]:
-    """The largest micro batch of every configuration within ``cap_gib`` (one training step on
-    the longest pairs of the data)."""
+    """The largest micro batch of every configuration within ``cap_gib`` (`PROBE_STEPS`
+    training steps, each on the longest pairs of the data)."""
     from dpo_real import largest_fitting, longest_rows, run_watched
 
     cap = int(cap_gib * 2**30)
@@ -648,8 +683,8 @@ def memory_cap(
                 run_dir,
                 setup,
                 micro_batch=m,
-                steps=1,
-                data=str(longest_rows(assets, m, workdir)),
+                steps=PROBE_STEPS,
+                data=str(longest_rows(assets, m, workdir, PROBE_STEPS)),
             )
             return run_watched(command, child_env(), cap)
 
@@ -664,8 +699,8 @@ def memory_cap(
                 gc,
                 pre,
                 micro_batch=m,
-                steps=1,
-                data=str(longest_rows(assets, m, workdir)),
+                steps=PROBE_STEPS,
+                data=str(longest_rows(assets, m, workdir, PROBE_STEPS)),
             )
             return run_watched(command, child_env(), cap)
 
@@ -803,10 +838,12 @@ def main(argv: list[str] | None = None) -> int:
             pairs, "ratios (measured side by side; recomputation against gradient checkpointing):"
         )
         trl_by_name = {r.name: r for r in trl_rows}
-        print("tokens per CPU second, the same pairs:")
+        print("median step tokens/s and tokens per CPU second, the same pairs:")
         for align, name, _, _ in pairs:
-            ratio = align.tokens_per_cpu_s / trl_by_name[name].tokens_per_cpu_s
-            print(f"  {align.name} vs {name}: x{ratio:.2f}")
+            trl = trl_by_name[name]
+            step = align.median_step_tokens_per_s / trl.median_step_tokens_per_s
+            cpu = align.tokens_per_cpu_s / trl.tokens_per_cpu_s
+            print(f"  {align.name} vs {name}: median step x{step:.2f}, per CPU second x{cpu:.2f}")
     elif configs and real:
         print(
             "\nTRL is not installed (uv sync --group hf --group bench): align's numbers only; "
@@ -832,9 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mem_cap_gib is not None:
         limit = min(args.mem_cap_limit, len(assets["rows"]))
         print(
-            f"\nlargest micro batch within {args.mem_cap_gib:g} GiB of resident memory (one "
-            f"step on the longest pairs; RSS + forked helpers' USS polled every 20 ms, killed "
-            f"above the cap; kernel ru_maxrss also within the cap; tried up to {limit}):"
+            f"\nlargest micro batch within {args.mem_cap_gib:g} GiB of resident memory "
+            f"({PROBE_STEPS} steps, each on the longest pairs; RSS + forked helpers' USS "
+            f"polled every 20 ms, killed above the cap; kernel ru_maxrss also within the cap; "
+            f"tried up to {limit}):"
         )
         caps = memory_cap(
             assets,
