@@ -246,13 +246,21 @@ def test_data_preprocess_writes_then_reuses(synthetic, tmp_path: Path) -> None:
     assert "unpaired" in stats.output and "80" in stats.output  # 40 pairs -> 80 examples
 
 
-def test_run_commands_and_help_match_the_algorithm_registry() -> None:
-    """`main` keeps a torch-free copy of the registry's commands and help lines."""
-    from align_cli import main
-    from align_cli.config.presets import COMMANDS
+def test_run_commands_and_help_come_from_the_algorithm_registry() -> None:
+    """`align run --help` lists the registry's commands with their help lines, torch-free."""
+    import subprocess
+    import sys
+
     from align_core.algorithms import REGISTRY
 
-    assert tuple(main._RUN_HELP) == COMMANDS == tuple(REGISTRY)
-    assert {name: spec.help for name, spec in REGISTRY.items()} == main._RUN_HELP
-    for name, spec in REGISTRY.items():
-        assert main._SECTIONS.get(name, name) == spec.section
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    for name in REGISTRY:
+        assert name in result.output
+    # Reading the registry imports neither torch nor megatron-core.
+    probe = (
+        "import sys, align_cli.main; "
+        "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

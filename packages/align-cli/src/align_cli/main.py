@@ -16,6 +16,9 @@ from typing import Annotated
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+# The `align run` commands, their help lines and sections (importing it does not import torch).
+from align_core.algorithms.registry import REGISTRY
+
 __all__ = ["app", "report_errors"]
 
 
@@ -124,27 +127,6 @@ def _exit(status: int) -> None:
     raise typer.Exit(status)
 
 
-# The commands and their help lines, in `align run --help` order: a copy of align-core's
-# algorithm registry (`align_core.algorithms.REGISTRY`, `AlgorithmSpec.help`/`.section`), kept
-# here because reading it imports torch and `align --help` must stay fast; a test checks that
-# the two agree.
-_RUN_HELP = {
-    "dpo": "Direct preference optimisation (model.dpo.*; cDPO via label_smoothing).",
-    "ipo": "IPO: DPO-family run with model.dpo.preference_loss=ipo.",
-    "rpo": "Reward-aware preference optimisation: model.dpo.preference_loss=rpo_bwd_kl "
-    "(or rpo_sq, rpo_fwd_kl); rewards from chosen_reward/rejected_reward.",
-    "kto": "KTO on unpaired desirable/undesirable examples (model.kto.*).",
-    "sft": "Supervised fine-tuning on prompt/completion or chat data (model.sft.*).",
-    "spin": "Self-play fine-tuning on SFT data: iterations of generate, then train real vs "
-    "generated (model.spin.*, trainer.spin.max_iterations).",
-    "kd": "Distil a student from teacher top-k logits (model.knowledge_distillation.*; the "
-    "teacher: .teacher.directory, .teacher.nemo_jsonl or .teacher.restore_from_path).",
-}
-
-_SECTIONS = {"ipo": "dpo", "rpo": "dpo", "kd": "knowledge_distillation"}
-"""The ``trainer.<section>`` of a command, where it is not the command's name (the registry's
-`AlgorithmSpec.section`)."""
-
 _RUN_EPILOG = (
     "Examples: align run {cmd} (demo: tiny model, synthetic data) | align run {cmd} "
     "--restore model.nemo model.data.data_prefix=train.jsonl trainer.{algo}.max_steps=100 "
@@ -203,7 +185,7 @@ _MasterPort = Annotated[
 
 
 def _register_run(command: str) -> None:
-    algo = _SECTIONS.get(command, command)
+    spec = REGISTRY[command]
 
     def run_command(
         ctx: typer.Context,
@@ -245,17 +227,17 @@ def _register_run(command: str) -> None:
         )
         _exit(report_errors(lambda: execute(options)))
 
-    run_command.__doc__ = _RUN_HELP[command]
+    run_command.__doc__ = spec.help
     run_app.command(
         command,
         cls=_Command,
         context_settings=_EXTRA,
-        help=_RUN_HELP[command],
-        epilog=_RUN_EPILOGS.get(command, _RUN_EPILOG).format(cmd=command, algo=algo),
+        help=spec.help,
+        epilog=_RUN_EPILOGS.get(command, _RUN_EPILOG).format(cmd=command, algo=spec.section),
     )(run_command)
 
 
-for _command in _RUN_HELP:
+for _command in REGISTRY:
     _register_run(_command)
 
 

@@ -421,6 +421,7 @@ def _steps(
 ) -> tuple[Any, str]:
     """The step accounting (align-core's own rule) and its description."""
     from align_core.trainer.loop import plan_steps
+    from align_core.trainer.planner import plan_run
 
     try:
         if algorithm == "spin":
@@ -451,12 +452,15 @@ def _steps(
                 + ", ".join(f"{run.spin.beta(t):g}" for t in range(len(iterations)))
             )
             return dataclasses.replace(steps, max_steps=total), text
-        steps = plan_steps(
-            run.trainer,
+        # The planner training uses: the dry run cannot disagree with the run.
+        steps = plan_run(
+            run,
+            world_size,
+            algorithm=algorithm,
             train_samples=data.train_examples,
-            global_batch_size=run.data.global_batch_size,
-            val_batches=val_batches,
-        )
+            val_samples=data.val_examples,
+            reference_strategy="none",
+        ).steps
     except ValueError as exc:
         raise UsageError(str(with_batch_hint(exc, run, world_size))) from exc
     text = (

@@ -26,11 +26,12 @@ __all__ = [
     "batch_hint",
     "check_batch",
     "check_data_files",
+    "check_positions",
+    "check_resumed_model",
     "core_view",
     "data_parallel_size",
     "model_line",
     "model_source",
-    "multiple_hint",
     "preflight",
     "resolved_reference",
     "with_batch_hint",
@@ -90,48 +91,36 @@ def resolved_reference(algorithm: str, run: Any) -> str:
 
 
 def data_parallel_size(run: Any, world_size: int) -> int:
-    """Data-parallel replicas of ``run`` on ``world_size`` processes.
+    """Data-parallel replicas of ``run`` on ``world_size`` processes (align-core's planner).
 
     Raises:
         UsageError: The processes cannot hold TP × PP × CP.
     """
-    parallel = run.parallel
-    model_parallel = (
-        parallel.tensor_model_parallel_size
-        * parallel.pipeline_model_parallel_size
-        * parallel.context_parallel_size
-    )
-    if world_size % model_parallel:
-        raise UsageError(
-            f"{world_size} processes cannot hold TP × PP × CP = {model_parallel} "
-            "(set --nproc-per-node/--nnodes or the model.*_parallel_size keys)"
-        )
-    return world_size // model_parallel
+    from align_core.trainer.planner import data_parallel_size as replicas
+
+    try:
+        return replicas(run.parallel, world_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def check_batch(run: Any, world_size: int) -> tuple[int, int]:
     """The data-parallel size and gradient accumulation steps of ``run``'s batch sizes.
 
+    align-core's planner (`align_core.trainer.planner.plan_layout`) derives them, as training
+    does.
+
     Raises:
         UsageError: A layout the processes cannot hold, or a global batch that is not a
             multiple of micro batch × data-parallel size (naming the nearest values that are).
     """
-    dp = data_parallel_size(run, world_size)
-    micro, gbs = run.data.micro_batch_size, run.data.global_batch_size
-    per_step = micro * dp
-    if gbs % per_step:
-        raise UsageError(
-            f"model.global_batch_size {gbs} is not a multiple of model.micro_batch_size × "
-            f"data-parallel size = {micro} × {dp}; {multiple_hint(gbs, per_step)}"
-        )
-    return dp, gbs // per_step
+    from align_core.trainer.planner import plan_layout
 
-
-def multiple_hint(global_batch_size: int, per_step: int) -> str:
-    """``use model.global_batch_size=A or B``: the multiples of ``per_step`` nearest to it."""
-    lower = global_batch_size // per_step * per_step
-    use = f"{lower} or {lower + per_step}" if lower else str(per_step)
-    return f"use model.global_batch_size={use}"
+    try:
+        layout = plan_layout(run.parallel, run.data, world_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return layout.data_parallel_size, layout.accumulation_steps
 
 
 def batch_hint(examples: int, run: Any, world_size: int) -> str:
@@ -189,6 +178,55 @@ def check_data_files(algorithm: str, run: Any) -> None:
             raise UsageError(f"{key}: {path}: no such file")
 
 
+def check_positions(algorithm: str, run: Any, model: Any) -> None:
+    """The run's sequence length fits the model's positions (align-core's `check_seq_length`).
+
+    A RoPE model asked to train beyond its trained length gets a warning on stderr (rank 0).
+
+    Raises:
+        UsageError: A learned-absolute-position model asked for more positions than it has.
+    """
+    import sys
+
+    from align_cli.launch import world_rank
+    from align_core.positions import check_seq_length
+
+    key = "model.data.train_ds.max_seq_length" if algorithm == "spin" else "model.data.seq_length"
+    seq_length = core_view(algorithm, run).data.seq_length or model.seq_length
+    try:
+        warning = check_seq_length(model, seq_length, key=key)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if warning and world_rank() == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def check_resumed_model(algorithm: str, run: Any, model: Any, run_dir: Path) -> None:
+    """A resumed run keeps the architecture and LoRA adapters of the checkpoint it resumes.
+
+    Checked before the run directory's ``config.yaml`` is rewritten, against the checkpoint
+    ``--resume`` will load (the newest intact one).
+
+    Raises:
+        UsageError: Naming the key, the checkpoint's value and this run's.
+    """
+    from align_core.checkpoint import Checkpointer
+    from align_core.checkpoint_checks import check_resume_model, read_checkpoint_summary
+
+    checkpoints = Checkpointer(run_dir / "checkpoints", keep_last=1)
+    try:
+        step, _ = checkpoints.newest_intact()
+        if step is None:
+            return
+        path = checkpoints.path(step)
+        lora = getattr(core_view(algorithm, run), "peft", None) is not None
+        check_resume_model(
+            read_checkpoint_summary(path), dataclasses.asdict(model), lora=lora, path=path
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What the checks before launching found.
@@ -225,13 +263,16 @@ def preflight(prepared: Prepared) -> Preflight:
     from align_core.algorithms import get_algorithm
 
     if get_algorithm(algorithm).shared_loop:
-        from align_core.trainer.session import _check_config  # the trainer's own config check
+        from align_core.trainer.session import check_run_config
 
         try:
-            _check_config(run)
+            check_run_config(run)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     source = model_source(core_view(algorithm, run))
+    check_positions(algorithm, run, source.model)
+    if prepared.resumed and getattr(run, "resume", False):
+        check_resumed_model(algorithm, run, source.model, prepared.run_dir)
     check_data_files(algorithm, run)
     reference = resolved_reference(algorithm, run)
     row = _reference_row(algorithm, run, reference, source)

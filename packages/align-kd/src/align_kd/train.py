@@ -354,6 +354,29 @@ def train_kd(run: KDRunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
             student_vocab_size=student_vocab,
             cross_tokenizer=kd.cross_tokenizer,
         )
-    from align_kd._session import fit
+    from align_core.trainer.session import Recipe, run_session
+    from align_data import CollateConfig
+    from align_kd.forward import logits_forward
+    from align_kd.online import OnlineTeacherData
 
-    return fit(run, base, ctx, source, policy, step, train, val, teacher, sinks)
+    recipe = Recipe(
+        algorithm="kd",
+        source=source,
+        policy=policy,
+        step=step,
+        train=train,
+        val=val,
+        forward_fn=logits_forward,
+        collate=CollateConfig(
+            pad_id=source.tokenizer.pad_id, pad_to_multiple_of=run.data.pad_to_multiple_of or 1
+        ),
+        data_state={
+            "train_samples": len(train),
+            "global_batch_size": run.data.global_batch_size,
+            "seed": run.data.seed,
+            "teacher": "online" if teacher is not None else "offline",
+        },
+        resume_needs="resume needs the same data, global batch size and teacher source",
+        batch_source=None if teacher is None else (lambda data: OnlineTeacherData(data, teacher)),
+    )
+    return run_session(run, recipe, ctx, sinks)

@@ -9,6 +9,7 @@ FILE``; ``--restore``; the ``key=value`` overrides. ``--resume`` starts instead 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -41,6 +42,7 @@ from align_cli.rundir import (
     run_started,
     write_run_info,
 )
+from align_core.algorithms.registry import REGISTRY
 
 __all__ = [
     "Prepared",
@@ -157,6 +159,24 @@ def _resume_dir(options: RunOptions, composed: Composed) -> Path:
     return run_dir
 
 
+def _check_restore_unchanged(restore: str | None, saved: Any, run_dir: Path) -> None:
+    """``--restore`` with ``--resume`` must name the model the run started from.
+
+    Raises:
+        UsageError: It names another one (the key, the run's value and the new one).
+    """
+    if restore is None:
+        return
+    key = "pretrained_checkpoint.restore_from_path"
+    before = OmegaConf.select(saved, key, default=None)
+    if before is not None and Path(before).resolve() == Path(restore).resolve():
+        return
+    raise UsageError(
+        f"--resume: {key} is {before!r} in {run_dir}, --restore gives {restore!r} (a resumed "
+        "run continues from its own checkpoint: drop --restore, or start a new run with it)"
+    )
+
+
 def launch_options(options: RunOptions, tree: Any) -> LaunchOptions:
     """How many processes, and where they meet: the options, else ``trainer.devices``/``num_nodes``.
 
@@ -199,6 +219,7 @@ def prepare(options: RunOptions) -> Prepared:
     if options.resume:
         run_dir = _resume_dir(options, composed)
         saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        _check_restore_unchanged(options.restore, saved, run_dir)
         composed = compose(algorithm, overrides, base=[saved])  # type: ignore[arg-type]
         resumed = True
         demo = _is_demo(composed)
@@ -218,8 +239,9 @@ def prepare(options: RunOptions) -> Prepared:
                     "exp_manager.explicit_log_dir=DIR (or exp_manager.name=NAME)"
                 )
             run_dir = new_run_dir(exp.exp_dir, exp.name, options.command)
-    if algorithm == "dpo":
-        check_variant(options.command, composed.tree.model.dpo.preference_loss)
+    spec = REGISTRY[options.command]
+    for key in spec.preset:
+        check_variant(options.command, getattr(getattr(composed.tree.model, spec.section), key))
     _set(composed.config, "exp_manager.explicit_log_dir", str(run_dir))
     composed.tree.exp_manager.explicit_log_dir = str(run_dir)
     if not composed.tree.exp_manager.resume_if_exists and resumed and not options.resume:
@@ -293,12 +315,24 @@ def execute(options: RunOptions, console: Console | None = None) -> int:
 
 
 def _resume_line(run_dir: Path) -> str:
+    """Where the run resumes, after one line per damaged newer checkpoint passed over.
+
+    Raises:
+        UsageError: Checkpoints exist and none is intact (each one named with what is wrong).
+    """
     from align_core.checkpoint import Checkpointer
 
-    step = Checkpointer(run_dir / "checkpoints", keep_last=1).latest_step()
+    try:
+        step, skipped = Checkpointer(run_dir / "checkpoints", keep_last=1).newest_intact()
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}") from exc
     if step is None:
         return f"resuming {run_dir}: no checkpoint yet, starting at step 0"
-    return f"resuming {run_dir} from step {step} (checkpoints/step_{step:06d})"
+    damaged = "".join(
+        "warning: checkpoints/{} is damaged ({}): passed over\n".format(*line.split(": ", 1))
+        for line in skipped
+    )
+    return f"{damaged}resuming {run_dir} from step {step} (checkpoints/step_{step:06d})"
 
 
 def launch(
@@ -319,7 +353,48 @@ def launch(
     With ``discard_failed_start``, a run directory this call created is removed again when the
     run fails on bad input (exit status 2) before training began (`run_started`), so that no
     stub is left behind.
+
+    The process that writes the run directory holds its lock (`align_core.run_lock.RunDirLock`)
+    until the run ends, so a second run into the same directory is refused with one line naming
+    the holder's pid. A run stopped by Ctrl-C exits 130 once its checkpoint is saved.
     """
+    from align_core.run_lock import RunDirLock
+
+    created = not run_dir.exists()
+    with contextlib.ExitStack() as lock:
+        if launcher() is None or world_rank() == 0:
+            lock.enter_context(RunDirLock(run_dir))
+        status = _launch_locked(
+            run_dir,
+            composed,
+            options,
+            how,
+            console,
+            discard_failed_start=discard_failed_start and created,
+        )
+    return _interrupted_status(status)
+
+
+def _interrupted_status(status: int) -> int:
+    """130 instead of SIGTERM's 143 for a run that SIGINT (Ctrl-C) stopped and checkpointed."""
+    import signal
+
+    from align_core.trainer.signals import stop_signal
+
+    if status == 128 + signal.SIGTERM and stop_signal() == signal.SIGINT:
+        return 128 + signal.SIGINT
+    return status
+
+
+def _launch_locked(
+    run_dir: Path,
+    composed: Composed,
+    options: RunOptions,
+    how: LaunchOptions,
+    console: Console,
+    *,
+    discard_failed_start: bool,
+) -> int:
     from align_cli.worker import run_worker
 
     under = launcher()
@@ -329,7 +404,6 @@ def launch(
         else:
             _wait_for(run_dir / RUN_FILE)
         return run_worker(run_dir, composed=composed, quiet=options.quiet, console=console)
-    created = not run_dir.exists()
     write_run_dir(run_dir, composed, options.command, options.argv)
     status: int | None = None
     try:
@@ -349,7 +423,7 @@ def launch(
         status = expected[0] if expected else None
         raise
     finally:
-        if discard_failed_start and created and status == 2 and not run_started(run_dir):
+        if discard_failed_start and status == 2 and not run_started(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -57,7 +57,7 @@ _SPIN_DEMO: dict[str, Any] = {
 }
 
 DEMO: dict[str, dict[str, Any]] = {
-    **{name: _demo(name) for name in ("dpo", "kto", "sft", "kd")},
+    **{spec.name: _demo(spec.name) for spec in REGISTRY.values() if not spec.is_preset},
     "spin": _SPIN_DEMO,
 }
 """The built-in demo: used when neither a model nor data is given (tiny model, synthetic task).
@@ -73,21 +73,27 @@ def algorithm_of(command: str) -> str:
     return REGISTRY[command].base
 
 
-def check_variant(command: str, preference_loss: str | None) -> None:
-    """Refuse a ``model.dpo.preference_loss`` that contradicts the command.
+def check_variant(command: str, value: Any) -> None:
+    """Refuse a value of a preset command's key that contradicts the command.
+
+    A preset command (`AlgorithmSpec.is_preset`) sets one key of its base algorithm (``align
+    run ipo``: ``model.dpo.preference_loss=ipo``) and accepts the values in its registry entry's
+    ``preset_accepts`` (``rpo``: the three ``rpo_*`` losses); other commands accept anything.
 
     Raises:
-        ConfigError: ``align run ipo`` with a loss other than ``ipo``, or ``align run rpo``
-            with a loss that is not one of the ``rpo_*`` losses.
+        ConfigError: ``value`` is not one the command accepts; names the key and the command
+            to use instead.
     """
-    key = "model.dpo.preference_loss"
-    if command == "ipo" and preference_loss != "ipo":
-        raise ConfigError(
-            f"{key}={preference_loss} contradicts `align run ipo`; use `align run dpo`", key=key
-        )
-    if command == "rpo" and not str(preference_loss).startswith("rpo_"):
-        raise ConfigError(
-            f"{key}={preference_loss} contradicts `align run rpo` (rpo_sq, rpo_bwd_kl or "
-            "rpo_fwd_kl); use `align run dpo`",
-            key=key,
-        )
+    spec = REGISTRY[command]
+    if not spec.is_preset:
+        return
+    ((name, preset),) = spec.preset.items()
+    accepted = spec.preset_accepts or (preset,)
+    if value in accepted:
+        return
+    key = f"model.{spec.section}.{name}"
+    choices = f" ({', '.join(map(str, accepted))})" if len(accepted) > 1 else ""
+    raise ConfigError(
+        f"{key}={value} contradicts `align run {command}`{choices}; use `align run {spec.base}`",
+        key=key,
+    )

@@ -513,7 +513,7 @@ def data_config(
         text = str(exc)
         micro, gbs = kwargs.get("micro_batch_size"), kwargs.get("global_batch_size")
         if batch and isinstance(micro, int) and micro > 0 and gbs % micro:
-            from align_cli.preflight import multiple_hint
+            from align_core.trainer.planner import multiple_hint
 
             text += f"; {multiple_hint(gbs, micro)}"
         raise ConfigError(text, key="model.data") from exc

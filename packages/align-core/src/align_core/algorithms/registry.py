@@ -10,27 +10,29 @@ keyed by algorithm name.
 
 Distillation (``kd``) lives in align-kd, which align-core never imports: its entry holds only
 what applies without its classes (no configuration class, no step factory).
+
+Importing this module imports neither torch nor the algorithms: configuration classes are named
+by import path and step factories import their step when called, so ``align --help`` reads the
+registry without paying for torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from align_core.algorithms.contract import AlgorithmStep
-from align_core.algorithms.dpo import DPOConfig, DPOStep
-from align_core.algorithms.kto import KTOConfig, KTOStep
-from align_core.algorithms.sft import SFTConfig, SFTStep
-from align_core.algorithms.spin import SPINConfig
+if TYPE_CHECKING:
+    from align_core.algorithms.contract import AlgorithmStep
 
 __all__ = ["REGISTRY", "AlgorithmSpec", "DataKind", "get_algorithm"]
 
 DataKind = Literal["preference", "unpaired", "sft"]
 """align-data's record kinds (`align_data.PreprocessConfig.kind`)."""
 
-StepFactory = Callable[[Any, Any], AlgorithmStep]
+StepFactory = Callable[[Any, Any], "AlgorithmStep"]
 """``(config, data_parallel_group) -> step``."""
 
 
@@ -50,8 +52,9 @@ class AlgorithmSpec:
         name: The command (``dpo``, ``ipo``, ``rpo``, ``kto``, ``sft``, ``spin``, ``kd``).
         base: The algorithm it runs as (`align_core.trainer.RunConfig.algorithm`, and the
             configuration tree): ``dpo`` for ``ipo`` and ``rpo``, else ``name``.
-        config_class: Its settings dataclass (``model.<section>``); None where it lives in a
-            package align-core does not import (``kd``).
+        config: ``"module:Class"`` of its settings dataclass (``model.<section>``, imported by
+            `config_class`); None where it lives in a package align-core does not import
+            (``kd``).
         step_factory: ``(config, data_group) -> AlgorithmStep`` for the shared training loop;
             None for algorithms with their own session (``spin``, ``kd``).
         data_kind: The records it reads (align-data's ``preference``/``unpaired``/``sft``);
@@ -68,14 +71,18 @@ class AlgorithmSpec:
         per_epoch_reference: The reference log-probs change per epoch (KTO's KL samples are
             re-drawn), so a precomputed cache holds one row per example per epoch.
         section: The ``trainer.<section>`` / ``model.<section>`` name.
-        preset: Values of ``config_class`` fields this command sets (its preset); empty for
-            a base algorithm.
+        preset: The one field of ``config_class`` this command sets, with its value (its
+            preset); empty for a base algorithm.
+        preset_accepts: The values of the preset's field the command accepts when the user
+            sets it (empty: only the preset's value).
         help: The one-line help of ``align run <name>``.
+        min_micro_batch_size: The smallest ``model.micro_batch_size`` its loss works with.
+        min_micro_batch_reason: Why (the error message's explanation).
     """
 
     name: str
     base: str
-    config_class: type | None
+    config: str | None
     step_factory: StepFactory | None
     data_kind: DataKind
     sequences_per_example: int
@@ -85,7 +92,18 @@ class AlgorithmSpec:
     section: str
     help: str
     preset: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    preset_accepts: tuple[Any, ...] = ()
     per_epoch_reference: bool = False
+    min_micro_batch_size: int = 1
+    min_micro_batch_reason: str = ""
+
+    @property
+    def config_class(self) -> type | None:
+        """Its settings dataclass (imported on first use), or None (``kd``)."""
+        if self.config is None:
+            return None
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     @property
     def is_preset(self) -> bool:
@@ -102,6 +120,18 @@ class AlgorithmSpec:
         """Names of the synthetic task's training and held-out files it reads (no suffix)."""
         return f"{self.data_kind}_train", f"{self.data_kind}_eval"
 
+    def check_micro_batch_size(self, micro_batch_size: int) -> None:
+        """Refuse a micro-batch smaller than the loss works with.
+
+        Raises:
+            ValueError: ``micro_batch_size`` below `min_micro_batch_size`, saying why.
+        """
+        if micro_batch_size < self.min_micro_batch_size:
+            raise ValueError(
+                f"{self.min_micro_batch_reason}, so model.micro_batch_size must be >= "
+                f"{self.min_micro_batch_size} (got {micro_batch_size})"
+            )
+
     def build_step(self, config: Any, group: Any = None) -> AlgorithmStep:
         """The step of ``config`` (reductions over ``group``, the data-parallel group).
 
@@ -114,22 +144,30 @@ class AlgorithmSpec:
 
 
 def _dpo_step(config: Any, _group: Any) -> AlgorithmStep:
+    from align_core.algorithms.dpo import DPOStep
+
     return DPOStep(config)
 
 
 def _kto_step(config: Any, group: Any) -> AlgorithmStep:
+    from align_core.algorithms.kto import KTOStep
+
     return KTOStep(config, group=group)
 
 
 def _sft_step(config: Any, group: Any) -> AlgorithmStep:
+    from align_core.algorithms.sft import SFTStep
+
     return SFTStep(config, group=group)
 
 
-def _dpo_family(name: str, help: str, preset: Mapping[str, Any]) -> AlgorithmSpec:
+def _dpo_family(
+    name: str, help: str, preset: Mapping[str, Any], accepts: tuple[Any, ...] = ()
+) -> AlgorithmSpec:
     return AlgorithmSpec(
         name=name,
         base="dpo",
-        config_class=DPOConfig,
+        config="align_core.algorithms.dpo:DPOConfig",
         step_factory=_dpo_step,
         data_kind="preference",
         sequences_per_example=2,
@@ -139,6 +177,7 @@ def _dpo_family(name: str, help: str, preset: Mapping[str, Any]) -> AlgorithmSpe
         section="dpo",
         help=help,
         preset=MappingProxyType(dict(preset)),
+        preset_accepts=accepts,
     )
 
 
@@ -156,11 +195,12 @@ _SPECS = (
         "Reward-aware preference optimisation: model.dpo.preference_loss=rpo_bwd_kl "
         "(or rpo_sq, rpo_fwd_kl); rewards from chosen_reward/rejected_reward.",
         {"preference_loss": "rpo_bwd_kl"},
+        ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"),
     ),
     AlgorithmSpec(
         name="kto",
         base="kto",
-        config_class=KTOConfig,
+        config="align_core.algorithms.kto:KTOConfig",
         step_factory=_kto_step,
         data_kind="unpaired",
         sequences_per_example=2,
@@ -170,11 +210,14 @@ _SPECS = (
         section="kto",
         help="KTO on unpaired desirable/undesirable examples (model.kto.*).",
         per_epoch_reference=True,
+        min_micro_batch_size=2,
+        min_micro_batch_reason="KTO pairs prompt_i with completion_(i+1 mod B) inside each "
+        "micro-batch for its KL estimate",
     ),
     AlgorithmSpec(
         name="sft",
         base="sft",
-        config_class=SFTConfig,
+        config="align_core.algorithms.sft:SFTConfig",
         step_factory=_sft_step,
         data_kind="sft",
         sequences_per_example=1,
@@ -187,7 +230,7 @@ _SPECS = (
     AlgorithmSpec(
         name="spin",
         base="spin",
-        config_class=SPINConfig,
+        config="align_core.algorithms.spin:SPINConfig",
         step_factory=None,
         data_kind="sft",
         sequences_per_example=2,
@@ -201,7 +244,7 @@ _SPECS = (
     AlgorithmSpec(
         name="kd",
         base="kd",
-        config_class=None,
+        config=None,
         step_factory=None,
         data_kind="sft",
         sequences_per_example=1,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from align_core.algorithms.dpo import DPOConfig
 from align_core.algorithms.kto import KTOConfig
@@ -18,6 +18,9 @@ from align_core.lora import LoraConfig
 from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer.config import ReferenceConfig, TrainerConfig
 from align_core.trainer.metrics import MetricsSink
+
+if TYPE_CHECKING:
+    from align_core.trainer.loop import StepPlan
 
 __all__ = [
     "Algorithm",
@@ -31,8 +34,9 @@ __all__ = [
     "train",
 ]
 
-Algorithm = Literal["dpo", "kto", "sft"]
-"""``dpo`` covers the whole DPO family (``DPOConfig.preference_loss`` picks DPO, IPO or RPO)."""
+Algorithm = str
+"""An algorithm name of `align_core.algorithms.REGISTRY` (``RunConfig.algorithm``: one trained
+by the shared loop; ``dpo`` covers the DPO family, ``DPOConfig.preference_loss`` picks the loss)."""
 
 StopReason = Literal["completed", "max_time", "sigterm", "nonfinite"]
 
@@ -158,6 +162,16 @@ class RunConfig:
     export_hf: bool | None = None
     seed: int = 1234
 
+    def __post_init__(self) -> None:
+        from align_core.algorithms.registry import get_algorithm
+
+        spec = get_algorithm(self.algorithm)
+        if not spec.shared_loop or spec.is_preset:
+            raise ValueError(
+                f"RunConfig.algorithm {self.algorithm!r} is not trained by the shared loop "
+                f"(presets run as their base algorithm: {spec.base})"
+            )
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -205,6 +219,19 @@ class RunPlan:
     reference_strategy: str
     resumed_from: str | None
     resume_note: str | None = None
+
+    @property
+    def steps(self) -> StepPlan:
+        """The step accounting the trainer follows (`align_core.trainer.loop.StepPlan`)."""
+        from align_core.trainer.loop import StepPlan
+
+        return StepPlan(
+            steps_per_epoch=self.steps_per_epoch,
+            max_steps=self.max_steps,
+            val_check_interval=self.val_check_interval,
+            val_batches=self.val_samples // self.global_batch_size,
+            save_interval=self.save_interval,
+        )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,11 @@
-"""One training run end to end (`align_core.trainer.train` delegates here).
+"""One training run end to end: `run_session` assembles any algorithm's `Recipe`.
+
+Every run — the DPO family, KTO and SFT (`run_training`, which `align_core.trainer.train`
+delegates to) and distillation (align-kd) — goes through `run_session`: the plan
+(`align_core.trainer.planner.plan_run`), the data, the reference, megatron DDP and optimizer,
+checkpoints, resume, the sinks, fit and the final export. An algorithm brings a `Recipe`: its
+step, forward, examples, what a resume must match, and optional hooks (a batch source wrapping
+the data, a reference built once the steps are planned, work before the export).
 
 Order matters for the reference policy: the policy is built with its initial weights, the
 reference is captured from them (snapshot, second model, or the precompute pass), and only then
@@ -9,15 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
 from align_core.algorithms._packed import packed_forward
 from align_core.algorithms.contract import AlgorithmStep, ModelBatch
 from align_core.algorithms.registry import REGISTRY, get_algorithm
+from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.reference import (
     AdapterReference,
     ModelReference,
@@ -40,12 +49,37 @@ from align_core.trainer.build import (
 )
 from align_core.trainer.data import TrainData
 from align_core.trainer.finish import FinalExports, export_final, final_formats, fit_and_finish
-from align_core.trainer.loop import ParallelGroups, StepPlan, Trainer, resume_length_note
+from align_core.trainer.loop import (
+    BatchSource,
+    ParallelGroups,
+    StepPlan,
+    Trainer,
+    resume_length_note,
+)
 from align_core.trainer.metrics import MetricsSink, announce, shows_status
-from align_core.trainer.run import RunConfig, RunPlan, RunResult
+from align_core.trainer.planner import PlannedRun, plan_run
+from align_core.trainer.run import RunConfig, RunResult
 from align_core.trainer.signals import StopRequest, parse_max_time
+from align_data import CollateConfig
 
-__all__ = ["run_training"]
+__all__ = [
+    "Recipe",
+    "ReferenceHook",
+    "SessionConfig",
+    "check_run_config",
+    "run_session",
+    "run_training",
+]
+
+
+class SessionConfig(PlannedRun, Protocol):
+    """What `run_session` reads from a run configuration (`RunConfig`, ``KDRunConfig``)."""
+
+    optim: OptimizerConfig
+    sched: SchedulerConfig
+    resume: bool
+    export_nemo: bool | None
+    export_hf: bool | None
 
 
 def _pack_capacity(run: RunConfig, seq_length: int) -> int | None:
@@ -145,16 +179,200 @@ def _build_reference(
     )
 
 
-def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
-    """See `align_core.trainer.train`."""
-    from align_core.checkpoint import Checkpointer, check_resume
-    from align_core.logprobs import forward_token_logps
-    from align_core.optim import build_optimizer, learning_rate
-    from align_core.parallel import init_distributed
-    from align_core.training import wrap_ddp
-    from align_data import CollateConfig
+@dataclass
+class Recipe:
+    """What one algorithm brings to a run; `run_session` assembles everything else.
 
-    _check_config(run)
+    Attributes:
+        algorithm: The ``align run`` command (the plan's and the sinks' name).
+        source: Where the initial policy came from (architecture, tokenizer, export).
+        policy: This rank's model chunk with its initial weights (LoRA added, if any).
+        step: The algorithm step the loop runs.
+        train: Tokenized training examples.
+        val: Tokenized validation examples (may be empty).
+        forward_fn: Per-micro-batch forward (token log-probs, or logits for distillation).
+        collate: align-data collate settings.
+        data_state: What a resumed run must share with the checkpoint (data fingerprint,
+            batch size, seed, ...); a mismatch refuses the resume.
+        resume_needs: The refusal's explanation.
+        pack_capacity: Pack examples into rows of this many positions (None: padded rows).
+        per_epoch_cache_rows: Reference cache rows per epoch (KTO) instead of per example.
+        batch_source: Wraps the run's `TrainData` into the loop's batch source (an online
+            teacher adding its top-k); None: the `TrainData` itself.
+        reference: Builds the reference policy once the data and the steps are planned:
+            ``(data, steps, groups, sinks) -> ReferencePolicy``; None: no reference.
+        reference_strategy: The resolved strategy (``none`` without a reference).
+        before_export: Runs before the final export (merging LoRA into the weights).
+    """
+
+    algorithm: str
+    source: ModelSource
+    policy: Any
+    step: AlgorithmStep
+    train: Sequence[Any]
+    val: Sequence[Any]
+    forward_fn: ForwardFn
+    collate: CollateConfig
+    data_state: Mapping[str, Any]
+    resume_needs: str = "resume needs the same data and global batch size"
+    pack_capacity: int | None = None
+    per_epoch_cache_rows: bool = False
+    batch_source: Callable[[TrainData], BatchSource] | None = None
+    reference: ReferenceHook | None = None
+    reference_strategy: str = "none"
+    before_export: Callable[[], None] | None = None
+
+
+ReferenceHook = Callable[
+    [TrainData, StepPlan, ParallelGroups, Sequence[MetricsSink]], ReferencePolicy
+]
+"""``(data, steps, groups, sinks) -> reference``: see `Recipe.reference`."""
+
+
+def run_session(
+    run: SessionConfig, recipe: Recipe, ctx: Any, sinks: Sequence[MetricsSink]
+) -> RunResult:
+    """Train ``recipe`` under ``run``'s settings.
+
+    Plan, data, reference, DDP, optimizer, checkpoints, resume, sinks, fit and the final export.
+
+    Args:
+        run: The run configuration (run directory, layout, trainer, data, optimizer, schedule,
+            resume and export settings).
+        recipe: What the algorithm brings.
+        ctx: The distributed context (`align_core.parallel.init_distributed`).
+        sinks: Metric receivers (used on global rank 0 only).
+
+    Returns:
+        How the run ended (on every rank).
+    """
+    from align_core.checkpoint import Checkpointer, check_resume
+    from align_core.optim import build_optimizer, learning_rate
+    from align_core.training import wrap_ddp
+
+    run_dir = Path(run.run_dir)
+    sinks = list(sinks) if ctx.is_main else []
+    groups = ParallelGroups.from_megatron(ctx.device)
+    plan = plan_run(
+        run,
+        ctx.world_size,
+        algorithm=recipe.algorithm,
+        train_samples=len(recipe.train),
+        val_samples=len(recipe.val),
+        reference_strategy=recipe.reference_strategy,
+    )
+    steps = plan.steps
+    data = TrainData(
+        recipe.train,
+        recipe.val,
+        recipe.step,
+        recipe.collate,
+        micro_batch_size=run.data.micro_batch_size,
+        global_batch_size=run.data.global_batch_size,
+        data_parallel_rank=ctx.data_rank,
+        data_parallel_size=ctx.data_parallel_size,
+        seed=run.data.seed,
+        shuffle=run.data.shuffle,
+        per_epoch_cache_rows=recipe.per_epoch_cache_rows,
+        pack_capacity=recipe.pack_capacity,
+        epoch_batches=steps.steps_per_epoch,
+    )
+    source: BatchSource = data if recipe.batch_source is None else recipe.batch_source(data)
+    reference = None
+    if recipe.reference is not None:
+        reference = recipe.reference(data, steps, groups, sinks)
+
+    model = wrap_ddp(recipe.policy)
+    optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", keep_last=run.trainer.keep_last_checkpoints
+    )
+    data_state = dict(recipe.data_state)
+    # The architecture, for `align ckpt inspect` (plain values only: read back weights-only).
+    model_summary = {
+        k: v
+        for k, v in dataclasses.asdict(recipe.source.model).items()
+        if v is None or isinstance(v, (bool, int, float, str))
+    }
+
+    def save(step: int, trainer_state: dict[str, Any]) -> str:
+        path = checkpointer.save(
+            step,
+            model,
+            optimizer,
+            trainer_state=trainer_state,
+            extra_state={
+                "data": data_state,
+                "plan": {"max_steps": steps.max_steps},
+                "model": model_summary,
+            },
+        )
+        return str(path)
+
+    trainer = Trainer(
+        config=run.trainer,
+        algorithm=recipe.step,
+        model=model,
+        optimizer=optimizer,
+        data=source,
+        forward_fn=recipe.forward_fn,
+        learning_rate=lambda step: learning_rate(
+            step, lr=run.optim.lr, schedule=run.sched, total_steps=steps.max_steps
+        ),
+        groups=groups,
+        reference=reference,
+        save=save,
+        sinks=sinks,
+        stop=StopRequest(parse_max_time(run.trainer.max_time)),
+    )
+    if run.resume:
+        loaded = checkpointer.load(model, optimizer)
+        if loaded is not None:
+            check_resume(
+                loaded.extra_state.get("data", {}),
+                data_state,
+                loaded.path,
+                needs=recipe.resume_needs,
+            )
+            trainer.load_state_dict(loaded.trainer_state)
+            trainer.mark_saved(str(loaded.path))
+            plan = dataclasses.replace(
+                plan,
+                start_step=trainer.state.step,
+                resumed_from=str(loaded.path),
+                resume_note=resume_length_note(
+                    loaded.extra_state.get("plan", {}).get("max_steps"),
+                    run.trainer,
+                    steps,
+                    start_step=trainer.state.step,
+                    prefix=f"trainer.{get_algorithm(recipe.algorithm).section}",
+                ),
+            )
+    for sink in sinks:
+        sink.start(plan)
+
+    nemo, hf = final_formats(run.export_nemo, run.export_hf, recipe.source)
+
+    def export() -> FinalExports:
+        if recipe.before_export is not None:
+            recipe.before_export()
+        return export_final(model, run_dir, recipe.source, nemo=nemo, hf=hf)
+
+    return fit_and_finish(
+        trainer,
+        sinks,
+        run_dir=run_dir,
+        reference_strategy=recipe.reference_strategy,
+        export=export if nemo or hf else None,
+    )
+
+
+def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
+    """See `align_core.trainer.train`: the shared loop's recipe (DPO family, KTO, SFT)."""
+    from align_core.logprobs import forward_token_logps
+    from align_core.parallel import init_distributed
+
+    check_run_config(run)
     ctx = init_distributed(run.parallel, seed=run.seed)
     _check_layout(run)
     run_dir = Path(run.run_dir)
@@ -167,7 +385,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     datasets = load_datasets(
         run, source.tokenizer, seq_length, status=lambda text: announce(sinks, text)
     )
-    algorithm: AlgorithmStep = build_algorithm(run, groups.data)
+    spec = get_algorithm(run.algorithm)
     policy = build_policy(source, run.parallel)
     lora = run.peft is not None
     if lora:
@@ -180,167 +398,69 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     capacity = _pack_capacity(run, seq_length)
     if capacity is not None:
         forward_fn = packed_forward(forward_fn)
-    collate = CollateConfig(
-        pad_id=source.tokenizer.pad_id,
-        pad_to_multiple_of=run.data.pad_to_multiple_of or 1,
-        default_chosen_reward=run.data.default_chosen_reward,
-        default_rejected_reward=run.data.default_rejected_reward,
-    )
-    plan = _plan(run, len(datasets.train), len(datasets.val))
-    data = TrainData(
-        datasets.train,
-        datasets.val,
-        algorithm,
-        collate,
-        micro_batch_size=run.data.micro_batch_size,
-        global_batch_size=run.data.global_batch_size,
-        data_parallel_rank=ctx.data_rank,
-        data_parallel_size=ctx.data_parallel_size,
-        seed=run.data.seed,
-        shuffle=run.data.shuffle,
-        per_epoch_cache_rows=get_algorithm(run.algorithm).per_epoch_reference,
-        pack_capacity=capacity,
-        epoch_batches=plan.steps_per_epoch,
-    )
-    stop = StopRequest(parse_max_time(run.trainer.max_time))
 
     strategy = "none"
-    reference = None
+    reference: ReferenceHook | None = None
     if needs_reference(run):
         strategy = resolve_strategy(run.reference.strategy, lora=lora)
-        reference = _build_reference(
-            run,
-            strategy,
-            policy,
-            source,
-            forward_fn,
-            data,
-            plan,
-            datasets.fingerprint,
-            groups,
-            sinks,
-        )
 
-    model = wrap_ddp(policy)
-    optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", keep_last=run.trainer.keep_last_checkpoints
-    )
-    data_state = {
-        "train_samples": len(data.train),
-        "global_batch_size": data.global_batch_size,
-        "data": datasets.fingerprint,
-        "seed": data.seed,
-    }
-
-    # The architecture, for `align ckpt inspect` (plain values only: read back weights-only).
-    model_summary = {
-        k: v
-        for k, v in dataclasses.asdict(source.model).items()
-        if v is None or isinstance(v, (bool, int, float, str))
-    }
-
-    def save(step: int, trainer_state: dict[str, Any]) -> str:
-        path = checkpointer.save(
-            step,
-            model,
-            optimizer,
-            trainer_state=trainer_state,
-            extra_state={
-                "data": data_state,
-                "plan": {"max_steps": plan.max_steps},
-                "model": model_summary,
-            },
-        )
-        return str(path)
-
-    trainer = Trainer(
-        config=run.trainer,
-        algorithm=algorithm,
-        model=model,
-        optimizer=optimizer,
-        data=data,
-        forward_fn=forward_fn,
-        learning_rate=lambda step: learning_rate(
-            step, lr=run.optim.lr, schedule=run.sched, total_steps=plan.max_steps
-        ),
-        groups=groups,
-        reference=reference,
-        save=save,
-        sinks=sinks,
-        stop=stop,
-    )
-    resumed = None
-    resume_note = None
-    if run.resume:
-        loaded = checkpointer.load(model, optimizer)
-        if loaded is not None:
-            check_resume(
-                loaded.extra_state.get("data", {}),
-                data_state,
-                loaded.path,
-                needs="resume needs the same data and global batch size",
-            )
-            trainer.load_state_dict(loaded.trainer_state)
-            resumed = str(loaded.path)
-            trainer.mark_saved(resumed)
-            resume_note = resume_length_note(
-                loaded.extra_state.get("plan", {}).get("max_steps"),
-                run.trainer,
-                plan,
-                start_step=trainer.state.step,
-                prefix=f"trainer.{run.algorithm}",
+        def reference(data, steps, groups, sinks, strategy=strategy):
+            return _build_reference(
+                run,
+                strategy,
+                policy,
+                source,
+                forward_fn,
+                data,
+                steps,
+                datasets.fingerprint,
+                groups,
+                sinks,
             )
 
-    run_plan = RunPlan(
+    def merge_lora() -> None:
+        from align_core.lora import merge_lora
+
+        merge_lora(policy)
+
+    recipe = Recipe(
         algorithm=run.algorithm,
-        run_dir=str(run_dir),
-        world_size=ctx.world_size,
-        tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
-        data_parallel_size=ctx.data_parallel_size,
-        micro_batch_size=data.micro_batch_size,
-        global_batch_size=data.global_batch_size,
-        accumulation_steps=data.accumulation_steps,
-        train_samples=len(data.train),
-        val_samples=plan.val_batches * data.global_batch_size,
-        steps_per_epoch=plan.steps_per_epoch,
-        max_steps=plan.max_steps,
-        start_step=trainer.state.step,
-        val_check_interval=plan.val_check_interval,
-        save_interval=plan.save_interval,
+        source=source,
+        policy=policy,
+        step=build_algorithm(run, groups.data),
+        train=datasets.train,
+        val=datasets.val,
+        forward_fn=forward_fn,
+        collate=CollateConfig(
+            pad_id=source.tokenizer.pad_id,
+            pad_to_multiple_of=run.data.pad_to_multiple_of or 1,
+            default_chosen_reward=run.data.default_chosen_reward,
+            default_rejected_reward=run.data.default_rejected_reward,
+        ),
+        data_state={
+            "train_samples": len(datasets.train),
+            "global_batch_size": run.data.global_batch_size,
+            "data": datasets.fingerprint,
+            "seed": run.data.seed,
+        },
+        pack_capacity=capacity,
+        per_epoch_cache_rows=spec.per_epoch_reference,
+        reference=reference,
         reference_strategy=strategy,
-        resumed_from=resumed,
-        resume_note=resume_note,
+        before_export=merge_lora if lora else None,
     )
-    for sink in sinks:
-        sink.start(run_plan)
-
-    nemo, hf = final_formats(run.export_nemo, run.export_hf, source)
-
-    def export() -> FinalExports:
-        if lora:
-            from align_core.lora import merge_lora
-
-            merge_lora(policy)
-        return export_final(model, run_dir, source, nemo=nemo, hf=hf)
-
-    return fit_and_finish(
-        trainer,
-        sinks,
-        run_dir=run_dir,
-        reference_strategy=strategy,
-        export=export if nemo or hf else None,
-    )
+    return run_session(run, recipe, ctx, sinks)
 
 
-def _check_config(run: RunConfig) -> None:
-    """Errors that need no data or model, raised before anything is built."""
-    if run.algorithm == "kto" and run.data.micro_batch_size < 2:
-        raise ValueError(
-            "KTO pairs prompt_i with completion_(i+1 mod B) inside each micro-batch for its KL "
-            f"estimate, so model.micro_batch_size must be >= 2 (got {run.data.micro_batch_size})"
-        )
+def check_run_config(run: RunConfig) -> None:
+    """Errors that need no data or model, raised before anything is built.
+
+    The CLI's pre-flight makes the same check before launching.
+
+    Raises:
+        ValueError: A micro-batch smaller than the algorithm's loss works with.
+    """
+    get_algorithm(run.algorithm).check_micro_batch_size(run.data.micro_batch_size)
 
 
 def _check_layout(run: RunConfig) -> None:
@@ -357,15 +477,3 @@ def _check_layout(run: RunConfig) -> None:
             f"megatron is already initialised with TP×PP = {have[0]}×{have[1]} in this process; "
             f"this run asks for {want[0]}×{want[1]} (call align_core.destroy_distributed first)"
         )
-
-
-def _plan(run: RunConfig, train_samples: int, val_samples: int) -> StepPlan:
-    from align_core.trainer.loop import plan_steps
-
-    gbs = run.data.global_batch_size
-    return plan_steps(
-        run.trainer,
-        train_samples=train_samples,
-        global_batch_size=gbs,
-        val_batches=val_samples // gbs,
-    )
