@@ -1,4 +1,4 @@
-"""Collate functions: layouts, labels, padding, rewards, KTO pairing, SPIN and distillation."""
+"""Collate functions: layouts, labels, padding, rewards, KTO pairing and distillation."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from align_data import (
     collate_kto,
     collate_preference,
     collate_sft,
-    collate_spin,
-    spin_pairs,
     split_pairs,
 )
 
@@ -131,31 +129,6 @@ def test_sft_with_trained_prompt_tokens():
     assert batch.input_ids.tolist() == [[BOS, 10, 11, 12, 13], [BOS, 5, 6, PAD, PAD]]
     assert batch.labels.tolist() == [[-100, 11, -100, 13, EOS], [-100, 6, EOS, -100, -100]]
     assert batch.sample_indices.tolist() == [4, -1]
-
-
-def test_spin_keeps_prompts_apart_and_pairs_generations():
-    examples = [
-        SFTExample(a(BOS, 10, 11), a(12, EOS), index=3),
-        SFTExample(a(BOS, 20), a(21, 22, EOS), index=5),
-    ]
-    batch = collate_spin(examples, CFG)
-    assert batch.prompt_ids.tolist() == [[BOS, 10, 11], [BOS, 20, PAD]]
-    assert batch.prompt_lengths.tolist() == [3, 2]
-    assert batch.prompt_attention_mask.tolist() == [[True, True, True], [True, True, False]]
-    generated = [torch.tensor([40, 41, EOS, PAD, PAD]), [50, 51, 52, 53]]
-    pairs = spin_pairs(batch, generated, eos_id=EOS)
-    assert pairs[0].chosen_ids.tolist() == [12, EOS]
-    assert pairs[0].rejected_ids.tolist() == [40, 41, EOS]  # cut after the EOS
-    assert pairs[1].rejected_ids.tolist() == [50, 51, 52, 53]  # no EOS: kept as generated
-    assert [p.index for p in pairs] == [3, 5]
-    pref = collate_preference(pairs, CFG)
-    assert pref.labels[2].tolist()[:5] == [-100, -100, 40, 41, EOS]
-    capped = spin_pairs(batch, generated, eos_id=EOS, max_length=5)
-    assert capped[1].rejected_ids.tolist() == [50, 51, 52]
-    with pytest.raises(ValueError, match="empty"):
-        spin_pairs(batch, [[EOS], []], eos_id=EOS)
-    with pytest.raises(ValueError, match="1 generations for 2 prompts"):
-        spin_pairs(batch, [[EOS]], eos_id=EOS)
 
 
 def teacher(n: int, k: int, offset: float, tokens=None) -> TeacherSample:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -224,6 +225,33 @@ CASES = [
         "prompt",
         "missing key, and chosen/rejected share no prompt turns to infer it",
         id="no-implicit-prompt",
+    ),
+    pytest.param(
+        [OK_PREF, {"prompt": "a\ud800b", "chosen": "c", "rejected": "r"}],
+        "preference",
+        2,
+        "prompt",
+        "not valid Unicode: lone surrogate \\ud800 at character 2 "
+        "(a \\uD800-\\uDFFF escape without its pair)",
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        [{"messages": [U, {"role": "assistant", "content": "x\udc00"}]}],
+        "sft",
+        1,
+        "messages[1].content",
+        "not valid Unicode: lone surrogate \\udc00 at character 2 "
+        "(a \\uD800-\\uDFFF escape without its pair)",
+        id="lone-surrogate-in-chat",
+    ),
+    pytest.param(
+        [OK_PREF, '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+        "preference",
+        2,
+        "<record>",
+        f"invalid JSON: nested too deeply (the parser stops at about {sys.getrecursionlimit()} "
+        "levels of lists and objects)",
+        id="deep-nesting",
     ),
 ]
 

@@ -76,7 +76,7 @@ def test_second_run_reuses_and_changes_invalidate(jsonl, tmp_path, capsys):
         path,
         TOK,
         cache,
-        PreprocessConfig(kind="preference", progress=False, tokenize=TokenizeConfig(max_length=7)),
+        PreprocessConfig(kind="preference", progress=False, tokenize=TokenizeConfig(max_length=64)),
     )
     assert not other.reused and other.directory != first.directory
     path.write_text(path.read_text() + json.dumps(pref_rows(21)[-1]) + "\n")

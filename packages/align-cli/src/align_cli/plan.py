@@ -27,6 +27,7 @@ from rich.table import Table
 
 from align_cli.errors import UsageError
 from align_cli.preflight import (
+    check_data_file,
     core_view,
     model_line,
     model_source,
@@ -249,8 +250,7 @@ def plan_data(run: Any, source: Any, files_key: str = "model.data.data_prefix") 
                 f"{synthetic.num_validation} held-out prompts)"
             )
         for path in train_files + val_files:
-            if not Path(path).is_file():
-                raise UsageError(f"{files_key}: {path}: no such file")
+            check_data_file(files_key, path)
         train = _preprocess(train_files, run, tokenizer, root / "train", max_length)
         val_examples = 0
         if val_files:
@@ -287,8 +287,7 @@ def plan_nemo_kd_data(teacher: Any, seq_length: int) -> DataPlan:
     }
     for name, paths in splits.items():
         for path in paths:
-            if not Path(path).is_file():
-                raise UsageError(f"{key}.{name}: {path}: no such file")
+            check_data_file(f"{key}.{name}", path)
     train = nemo_kd_examples(list(teacher.nemo_jsonl))
     val = (
         nemo_kd_examples(list(teacher.nemo_jsonl_validation))
@@ -375,7 +374,7 @@ def dry_run(prepared: Prepared, console: Console) -> int:
             "examples",
             f"{data.train_examples:,} train, {data.val_examples:,} held-out "
             f"(truncated {data.summary.truncated:,}, dropped "
-            f"{data.summary.dropped_overlong + data.summary.dropped_empty_response:,}, "
+            f"{data.summary.dropped:,}, "
             f"invalid {data.summary.skipped_invalid:,})",
         ),
         ("sequence length", f"≤ {data.max_length} tokens, mean {tokens_per_example:,.1f}/example"),

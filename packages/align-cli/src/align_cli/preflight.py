@@ -25,6 +25,7 @@ __all__ = [
     "Preflight",
     "batch_hint",
     "check_batch",
+    "check_data_file",
     "check_data_files",
     "check_positions",
     "check_resumed_model",
@@ -168,14 +169,27 @@ def check_data_files(algorithm: str, run: Any) -> None:
         }
         for name, paths in splits.items():
             for path in paths:
-                if not Path(path).is_file():
-                    raise UsageError(f"{key}.{name}: {path}: no such file")
+                check_data_file(f"{key}.{name}", path)
         return
     data = core_view(algorithm, run).data
     key = "model.data.train_ds.file_path" if algorithm == "spin" else "model.data.data_prefix"
     for path in (*data.train_files, *data.validation_files):
-        if not Path(path).is_file():
-            raise UsageError(f"{key}: {path}: no such file")
+        check_data_file(key, path)
+
+
+def check_data_file(key: str, path: str) -> None:
+    """``path`` is a readable regular file (align-data's check, before anything opens it).
+
+    Raises:
+        UsageError: ``key: path: no such file`` (or ``is a directory``, ``not a regular file
+            (a FIFO)``, ``not readable``).
+    """
+    from align_data import DataError, check_source_file
+
+    try:
+        check_source_file(path)
+    except DataError as exc:
+        raise UsageError(f"{key}: {exc}") from exc
 
 
 def check_positions(algorithm: str, run: Any, model: Any) -> None:

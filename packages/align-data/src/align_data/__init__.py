@@ -22,7 +22,6 @@ from align_data.batches import (
     KTOBatch,
     PreferenceBatch,
     SFTBatch,
-    SPINBatch,
     causal_attention_mask,
     split_pairs,
 )
@@ -41,10 +40,8 @@ from align_data.collate import (
     collate_kto,
     collate_preference,
     collate_sft,
-    collate_spin,
     padded_length,
     sequence_row,
-    spin_pairs,
 )
 from align_data.dataset import TokenizedDataset
 from align_data.errors import RECORD_FIELD, DataError, SkippedRecord, SkipReportWriter
@@ -84,7 +81,7 @@ from align_data.records import (
 )
 from align_data.sampler import DataParallelSampler
 from align_data.sentencepiece_tokenizer import SentencePieceTokenizer
-from align_data.sources import LoadResult, detect_file_format, load_records
+from align_data.sources import LoadResult, check_source_file, detect_file_format, load_records
 from align_data.stores import (
     ArrayStore,
     TeacherDType,
@@ -165,7 +162,6 @@ __all__ = [
     "SFTBatch",
     "SFTExample",
     "SFTRecord",
-    "SPINBatch",
     "SentencePieceTokenizer",
     "SimpleChatTemplate",
     "SkipReportWriter",
@@ -189,13 +185,13 @@ __all__ = [
     "__version__",
     "causal_attention_mask",
     "check_format_kind",
+    "check_source_file",
     "collate_distillation",
     "collate_kto",
     "collate_packed_preference",
     "collate_packed_sft",
     "collate_preference",
     "collate_sft",
-    "collate_spin",
     "conversation_segments",
     "convert_to_kind",
     "dataset_fingerprint",
@@ -219,7 +215,6 @@ __all__ = [
     "resolve_add_bos",
     "score_response",
     "sequence_row",
-    "spin_pairs",
     "split_pairs",
     "split_prompt_response",
     "tokenize_prompt",

@@ -29,7 +29,6 @@ __all__ = [
     "KTOBatch",
     "PreferenceBatch",
     "SFTBatch",
-    "SPINBatch",
     "causal_attention_mask",
     "split_pairs",
 ]
@@ -187,34 +186,6 @@ class KTOBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KTOBatch:
         """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)
-
-
-@dataclass(frozen=True)
-class SPINBatch:
-    """Prompts kept apart for generation, plus the real completions they will be paired with.
-
-    After generating from ``prompt_ids``, :func:`align_data.spin_pairs` turns the batch and the
-    generations into preference examples (real = chosen, generated = rejected).
-
-    Attributes:
-        prompt_ids: ``[B, P]`` int64, right-padded with the pad id.
-        prompt_lengths: ``[B]`` real prompt tokens per row.
-        prompt_attention_mask: ``[B, P]`` bool.
-        sample_indices: ``[B]`` dataset index of each example.
-        prompts: The unpadded prompt ids of each example.
-        completions: The unpadded real completion ids of each example.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_lengths: torch.Tensor
-    prompt_attention_mask: torch.Tensor
-    sample_indices: torch.Tensor
-    prompts: tuple[torch.Tensor, ...]
-    completions: tuple[torch.Tensor, ...]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SPINBatch:
-        """The batch with every (top-level) tensor moved to ``device``."""
         return _to(self, device, non_blocking)
 
 

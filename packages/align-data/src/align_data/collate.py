@@ -19,7 +19,6 @@ from align_data.batches import (
     KTOBatch,
     PreferenceBatch,
     SFTBatch,
-    SPINBatch,
 )
 from align_data.stores.teacher_shards import TeacherSample
 from align_data.tokenize import PreferenceExample, SFTExample, UnpairedExample
@@ -30,10 +29,8 @@ __all__ = [
     "collate_kto",
     "collate_preference",
     "collate_sft",
-    "collate_spin",
     "padded_length",
     "sequence_row",
-    "spin_pairs",
 ]
 
 
@@ -213,74 +210,6 @@ def collate_kto(examples: Sequence[UnpairedExample], config: CollateConfig) -> K
         torch.tensor(partner, dtype=torch.int64),
         _indices(examples),
     )
-
-
-def collate_spin(examples: Sequence[SFTExample], config: CollateConfig) -> SPINBatch:
-    """Keeps the prompts apart (right-padded) for generation, with the real completions."""
-    _nonempty(examples, "SFT examples")
-    lengths = torch.tensor([len(e.prompt_ids) for e in examples], dtype=torch.int64)
-    t = padded_length(int(lengths.max()), config)
-    prompt_ids = torch.full((len(examples), t), config.pad_id, dtype=torch.int64)
-    for i, e in enumerate(examples):
-        prompt_ids[i, : len(e.prompt_ids)] = torch.from_numpy(np.asarray(e.prompt_ids, np.int64))
-    attention = torch.arange(t)[None, :] < lengths[:, None]
-    return SPINBatch(
-        prompt_ids,
-        lengths,
-        attention,
-        _indices(examples),
-        tuple(torch.from_numpy(np.asarray(e.prompt_ids, np.int64)) for e in examples),
-        tuple(torch.from_numpy(np.asarray(e.completion_ids, np.int64)) for e in examples),
-    )
-
-
-def spin_pairs(
-    batch: SPINBatch,
-    generated: Sequence[Sequence[int] | torch.Tensor],
-    *,
-    eos_id: int,
-    max_length: int | None = None,
-) -> list[PreferenceExample]:
-    """Pairs each real completion (chosen) with the policy's generation (rejected).
-
-    Args:
-        batch: The batch the prompts came from.
-        generated: Per example, the generated token ids after the prompt (padding after an EOS
-            is cut off; the EOS is kept).
-        eos_id: The tokenizer's EOS id.
-        max_length: If set, responses are cut from the right so prompt + response fits.
-
-    Returns:
-        Preference examples for :func:`collate_preference`.
-
-    Raises:
-        ValueError: When a generation is empty or the counts differ.
-    """
-    if len(generated) != len(batch.prompts):
-        raise ValueError(f"{len(generated)} generations for {len(batch.prompts)} prompts")
-    pairs = []
-    for i, (prompt, real, gen) in enumerate(
-        zip(batch.prompts, batch.completions, generated, strict=True)
-    ):
-        ids = np.asarray(gen.tolist() if isinstance(gen, torch.Tensor) else list(gen), np.int64)
-        ends = np.flatnonzero(ids == eos_id)
-        if ends.size:
-            ids = ids[: ends[0] + 1]
-        real_ids = real.numpy()
-        if max_length is not None:
-            room = max_length - len(prompt)
-            ids, real_ids = ids[:room], real_ids[:room]
-        if len(ids) == 0 or len(real_ids) == 0:
-            raise ValueError(f"example {i}: empty generated or real response after truncation")
-        pairs.append(
-            PreferenceExample(
-                prompt.numpy().astype(np.int32),
-                real_ids.astype(np.int32),
-                ids.astype(np.int32),
-                index=int(batch.sample_indices[i]),
-            )
-        )
-    return pairs
 
 
 def collate_distillation(

@@ -1,9 +1,13 @@
-"""Errors that point at the bad input, and the report file of skipped records.
+r"""Errors that point at the bad input, and the report file of skipped records.
 
 Every problem with a user's data is a :class:`DataError` whose text is
 ``file:line: field: what is wrong``. For Parquet files the "line" is the 1-based row number.
 Problems that concern a whole record rather than one field (invalid JSON, non-UTF-8 bytes)
-use the field name ``<record>``.
+use the field name ``<record>``. Problems with the file as a whole (not a regular file, not a
+readable Parquet file) have no line and no field: ``file: what is wrong``.
+
+Lone surrogates (an unpaired ``\ud800`` escape in JSON) are written as their escape in every
+message, so that an error about bad text can always be printed.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RECORD_FIELD", "DataError", "SkipReportWriter", "SkippedRecord"]
+__all__ = ["RECORD_FIELD", "DataError", "SkipReportWriter", "SkippedRecord", "printable"]
 
 RECORD_FIELD = "<record>"
 """Field name used when the whole record is at fault (invalid JSON, bad bytes, not an object)."""
@@ -23,23 +27,41 @@ class DataError(ValueError):
 
     Args:
         path: The file the record came from.
-        line: 1-based line number (JSONL) or row number (Parquet).
-        field: The offending field, e.g. ``chosen``, ``messages[2].role`` or ``<record>``.
+        line: 1-based line number (JSONL) or row number (Parquet); None when the whole file is
+            at fault.
+        field: The offending field, e.g. ``chosen``, ``messages[2].role`` or ``<record>``;
+            None when the whole file is at fault.
         message: What is wrong, in words.
     """
 
-    def __init__(self, path: str | Path, line: int, field: str, message: str) -> None:
-        self.path = str(path)
-        self.line = int(line)
-        self.field = field
-        self.message = message
-        super().__init__(path, line, field, message)
+    def __init__(self, path: str | Path, line: int | None, field: str | None, message: str) -> None:
+        self.path = printable(str(path))
+        self.line = None if line is None else int(line)
+        self.field = None if field is None else printable(field)
+        self.message = printable(message)
+        super().__init__(self.path, self.line, self.field, self.message)
+
+    @classmethod
+    def whole_file(cls, path: str | Path, message: str) -> DataError:
+        """An error about the file itself (its kind, its container format), not one record."""
+        return cls(path, None, None, message)
 
     def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
         return f"{self.path}:{self.line}: {self.field}: {self.message}"
 
-    def __reduce__(self) -> tuple[type[DataError], tuple[str, int, str, str]]:
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, int | None, str | None, str]]:
         return (DataError, (self.path, self.line, self.field, self.message))
+
+
+def printable(text: str) -> str:
+    r"""``text`` with lone surrogates written as ``\udXXX`` escapes (always encodable as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True)

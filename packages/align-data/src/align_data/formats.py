@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, NoReturn, get_args
 
@@ -54,6 +55,7 @@ __all__ = [
     "convert_to_kind",
     "detect_format",
     "json_type_name",
+    "lone_surrogate",
     "parse_record",
 ]
 
@@ -108,12 +110,30 @@ def json_type_name(value: object) -> str:
     return type(value).__name__
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _show(value: object) -> str:
     try:
         text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {json_type_name(value)}"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def lone_surrogate(text: str) -> str | None:
+    r"""Why ``text`` is not valid Unicode (a lone surrogate and where), or None when it is.
+
+    JSON's ``\uXXXX`` escapes can spell half of a surrogate pair, which Python's JSON
+    decoder accepts but no tokenizer can encode.
+    """
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (
+        f"not valid Unicode: lone surrogate \\u{ord(found.group()):04x} at character "
+        f"{found.start() + 1} (a \\uD800-\\uDFFF escape without its pair)"
+    )
 
 
 class _Ctx:
@@ -136,6 +156,13 @@ class _Ctx:
             self.fail(field, f"expected a string, got {json_type_name(value)}")
         if not value.strip():
             self.fail(field, "empty text")
+        return self.unicode(value, field)
+
+    def unicode(self, value: str, field: str) -> str:
+        """``value`` unchanged, or a failure when it holds a lone surrogate."""
+        problem = lone_surrogate(value)
+        if problem is not None:
+            self.fail(field, problem)
         return value
 
 
@@ -276,6 +303,7 @@ def _conversation(
             ctx.fail(f"{where}.{content_key}", "missing key")
         if not isinstance(content, str):
             ctx.fail(f"{where}.{content_key}", f"expected a string, got {json_type_name(content)}")
+        ctx.unicode(content, f"{where}.{content_key}")
         if role == "system":
             if i != 0 or previous is not None:
                 ctx.fail(f"{where}.{role_key}", "a system turn may only come first")
@@ -400,6 +428,7 @@ def _parse_conversations(ctx: _Ctx, obj: Mapping[str, Any]) -> SFTRecord:
         system = ""
     if not isinstance(system, str):
         ctx.fail("system", f"expected a string, got {json_type_name(system)}")
+    ctx.unicode(system, "system")
     turns = _conversation(
         ctx,
         ctx.require(obj, "conversations"),

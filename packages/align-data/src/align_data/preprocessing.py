@@ -32,13 +32,20 @@ from align_data.errors import RECORD_FIELD, DataError, SkippedRecord, SkipReport
 from align_data.formats import FormatName, check_format_kind
 from align_data.progress import ProgressPrinter
 from align_data.records import Kind, Source
-from align_data.sources import Span, detect_file_format, parse_span, plan_spans
+from align_data.sources import (
+    Span,
+    check_source_file,
+    detect_file_format,
+    parse_span,
+    plan_spans,
+)
 from align_data.summary import PreprocessSummary, length_histogram
 from align_data.tokenize import (
     Example,
     PreferenceExample,
     SFTExample,
     TokenizeConfig,
+    Tokenized,
     TokenizeStats,
     UnpairedExample,
     resolve_add_bos,
@@ -84,7 +91,13 @@ class PreprocessConfig:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's contents."""
+    """SHA-256 of a file's contents.
+
+    Raises:
+        DataError: ``path`` is not a readable regular file (checked before opening it, so a
+            FIFO never blocks).
+    """
+    check_source_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -170,6 +183,17 @@ def _sequence_lengths(example: Example) -> tuple[list[int], int]:
     return [p + len(example.completion_ids)], labels
 
 
+def _empty_prompt_error(item: Tokenized) -> DataError:
+    """Strict mode's refusal of an example whose prompt truncation would leave only the BOS."""
+    return DataError(
+        item.source.path,
+        item.source.line,
+        "prompt",
+        f"{item.drop_reason}; shorten the response or raise the sequence length "
+        "(lenient mode drops such examples and counts them)",
+    )
+
+
 def _run_task(task: _Task) -> _TaskResult:
     records, skipped, rows = parse_span(task.span, task.fmt, task.kind, strict=task.strict)
     stats = TokenizeStats()
@@ -183,6 +207,8 @@ def _run_task(task: _Task) -> _TaskResult:
             item = tokenize_record(
                 record, _WORKER["tokenizer"], _WORKER["config"], chat_template=_WORKER["template"]
             )
+            if task.strict and item.drop_kind == "empty_prompt":
+                raise _empty_prompt_error(item)
         except DataError as exc:
             if task.strict:
                 raise
@@ -281,6 +307,7 @@ def _summarize(
         prompt_truncated=stats.prompt_truncated,
         response_truncated=stats.response_truncated,
         dropped_overlong=stats.dropped_overlong,
+        dropped_empty_prompt=stats.dropped_empty_prompt,
         dropped_empty_response=stats.dropped_empty_response,
         sequences=len(lengths),
         tokens=int(lengths.sum()),
@@ -324,12 +351,17 @@ def preprocess(
         existing run was reused.
 
     Raises:
-        DataError: In strict mode, for the first bad record (``file:line: field: message``); in
-            either mode when a file is empty or its format cannot feed ``config.kind``.
+        DataError: In strict mode, for the first bad record (``file:line: field: message``) or
+            example whose prompt truncation would leave only the BOS; in either mode when a
+            path is not a readable regular file (checked for every path before any is read), a
+            file is empty, a Parquet file or row group cannot be read, or a file's format
+            cannot feed ``config.kind``.
     """
     sources = [str(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
     if not sources:
         raise ValueError("preprocess needs at least one source file")
+    for path in sources:
+        check_source_file(path)
     out = Path(out_dir)
     fingerprint = dataset_fingerprint(sources, tokenizer, config, chat_template)
     target = out / fingerprint

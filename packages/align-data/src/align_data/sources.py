@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
+import stat
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = [
     "LoadResult",
     "RawRow",
     "Span",
+    "check_source_file",
     "detect_file_format",
     "file_type",
     "iter_rows",
@@ -42,6 +46,41 @@ __all__ = [
 FileType = Literal["jsonl", "parquet"]
 
 _DETECT_MAX_ROWS = 100
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_source_file(path: str | Path) -> None:
+    """Checks that ``path`` is a readable regular file, before anything opens it.
+
+    A FIFO would block the reader forever and a directory cannot be read as data, so the kind
+    of path is checked from its metadata alone (symbolic links are followed).
+
+    Raises:
+        DataError: ``file: no such file``, ``file: is a directory``, ``file: not a regular
+            file (a FIFO)`` (or socket, device), or ``file: not readable (permission denied)``.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError.whole_file(path, "no such file") from None
+    except NotADirectoryError:
+        raise DataError.whole_file(path, "no such file (a parent is not a directory)") from None
+    except OSError as exc:
+        raise DataError.whole_file(path, f"cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError.whole_file(path, "is a directory")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+        raise DataError.whole_file(path, f"not a regular file ({kind})")
+    if not os.access(path, os.R_OK):
+        raise DataError.whole_file(path, "not readable (permission denied)")
 
 
 def file_type(path: str | Path) -> FileType:
@@ -97,6 +136,28 @@ def _parquet_module() -> Any:
     return pq
 
 
+def _parquet_file(path: str) -> Any:
+    """Opens a Parquet file; a file that is not one is a :class:`DataError` naming it."""
+    pq = _parquet_module()
+    import pyarrow as pa
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        message = f"not a readable Parquet file ({_arrow_reason(exc)})"
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        if head[:1] in (b"{", b"["):
+            message += "; it looks like JSON lines: name it .jsonl"
+        raise DataError.whole_file(path, message) from None
+
+
+def _arrow_reason(exc: BaseException) -> str:
+    """The first sentence of a pyarrow error, without its period."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(" :.") if lines else type(exc).__name__
+
+
 def plan_spans(
     path: str | Path, *, chunk_bytes: int = 8 << 20, chunk_rows: int = 20_000
 ) -> list[Span]:
@@ -111,9 +172,10 @@ def plan_spans(
         Spans covering the whole file in order (none for an empty file).
     """
     path = str(path)
+    check_source_file(path)
     kind = file_type(path)
     if kind == "parquet":
-        rows = _parquet_module().ParquetFile(path).metadata.num_rows
+        rows = _parquet_file(path).metadata.num_rows
         step = max(1, chunk_rows)
         return [
             Span(
@@ -156,6 +218,12 @@ def _decode_line(data: bytes, path: str, line: int, strip_bom: bool) -> RawRow:
     except json.JSONDecodeError as exc:
         message = f"invalid JSON: {exc.msg} (column {exc.colno})"
         return RawRow(line, None, DataError(path, line, RECORD_FIELD, message), text)
+    except RecursionError:
+        message = (
+            f"invalid JSON: nested too deeply (the parser stops at about "
+            f"{sys.getrecursionlimit()} levels of lists and objects)"
+        )
+        return RawRow(line, None, DataError(path, line, RECORD_FIELD, message), text[:200])
     return RawRow(line, value, None, text)
 
 
@@ -180,7 +248,7 @@ def iter_rows(span: Span) -> Iterator[RawRow]:
 
 
 def _iter_parquet_rows(span: Span) -> Iterator[RawRow]:
-    pf = _parquet_module().ParquetFile(span.path)
+    pf = _parquet_file(span.path)
     row = 0
     for group in range(pf.metadata.num_row_groups):
         rows_in_group = pf.metadata.row_group(group).num_rows
@@ -188,12 +256,62 @@ def _iter_parquet_rows(span: Span) -> Iterator[RawRow]:
         row = hi
         if hi <= span.start or lo >= span.end:
             continue
-        table = pf.read_row_group(group)
         first = max(span.start, lo) - lo
         last = min(span.end, hi) - lo
-        for offset, value in enumerate(table.slice(first, last - first).to_pylist()):
-            number = lo + first + offset + 1
-            yield RawRow(number, value, None, json.dumps(value, ensure_ascii=False, default=str))
+        table = _read_row_group(pf, span.path, group, lo, hi).slice(first, last - first)
+        yield from _table_rows(table, span.path, lo + first + 1)
+
+
+def _read_row_group(pf: Any, path: str, group: int, lo: int, hi: int) -> Any:
+    """Row group ``group`` (rows ``lo:hi`` of the file) as a pyarrow table.
+
+    Raises:
+        DataError: The row group cannot be decoded, naming its first row and its rows.
+    """
+    import pyarrow as pa
+
+    try:
+        return pf.read_row_group(group)
+    except (pa.ArrowException, OSError) as exc:
+        message = f"row group {group} (rows {lo + 1}-{hi}) cannot be read: {_arrow_reason(exc)}"
+        raise DataError(path, lo + 1, RECORD_FIELD, message) from None
+
+
+def _table_rows(table: Any, path: str, first_number: int) -> Iterator[RawRow]:
+    """The rows of a table, numbered from ``first_number``.
+
+    A row whose string column holds bytes that are not UTF-8 comes with its error (file, row,
+    column) instead of a value.
+    """
+    try:
+        values = table.to_pylist()
+    except UnicodeDecodeError:
+        values = None
+    for offset in range(table.num_rows):
+        number = first_number + offset
+        if values is not None:
+            value = values[offset]
+        else:
+            value, error = _decode_table_row(table, offset, path, number)
+            if error is not None:
+                yield RawRow(number, None, error, "")
+                continue
+        yield RawRow(number, value, None, json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _decode_table_row(
+    table: Any, offset: int, path: str, number: int
+) -> tuple[dict[str, Any] | None, DataError | None]:
+    """One row as a dict, or the error naming the first column that is not valid UTF-8."""
+    row: dict[str, Any] = {}
+    for name in table.column_names:
+        try:
+            row[name] = table.column(name)[offset].as_py()
+        except UnicodeDecodeError as exc:
+            byte = exc.object[exc.start]
+            message = f"not valid UTF-8 (byte 0x{byte:02x} at position {exc.start + 1})"
+            return None, DataError(path, number, name, message)
+    return row, None
 
 
 def detect_file_format(path: str | Path, *, strict: bool = True) -> FormatName:
@@ -313,13 +431,17 @@ def load_records(
         The records, the detected formats and the skipped rows.
 
     Raises:
-        DataError: In strict mode for the first bad record; in either mode when a file's format
-            cannot feed ``kind``.
+        DataError: In strict mode for the first bad record; in either mode when a path is not a
+            readable regular file, a Parquet file or row group cannot be read, or a file's
+            format cannot feed ``kind``.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
+    paths = [str(p) for p in paths]
+    for path in paths:
+        check_source_file(path)
     result = LoadResult()
-    for path in map(str, paths):
+    for path in paths:
         fmt = format or detect_file_format(path, strict=strict)
         wanted = kind or FORMAT_KIND[fmt]
         check_format_kind(fmt, wanted, Source(path, 1))

@@ -46,6 +46,8 @@ class PreprocessSummary:
         prompt_truncated: Kept examples whose prompt was truncated from the left.
         response_truncated: Kept examples with a response truncated from the right.
         dropped_overlong: Examples dropped as over-long (``overlong="drop"``).
+        dropped_empty_prompt: Examples dropped because truncation would leave the prompt only
+            its BOS (lenient mode; strict mode refuses them).
         dropped_empty_response: Examples dropped because a response was fully truncated.
         sequences: Token sequences (two per preference example).
         tokens: Tokens over all sequences (a shared prompt counted once per sequence).
@@ -65,6 +67,7 @@ class PreprocessSummary:
     prompt_truncated: int = 0
     response_truncated: int = 0
     dropped_overlong: int = 0
+    dropped_empty_prompt: int = 0
     dropped_empty_response: int = 0
     sequences: int = 0
     tokens: int = 0
@@ -84,6 +87,43 @@ class PreprocessSummary:
         data["length_histogram"] = [tuple(b) for b in data.get("length_histogram", [])]
         return cls(**data)
 
+    @property
+    def dropped(self) -> int:
+        """Examples dropped for any reason of length (over-long, empty prompt or response)."""
+        return self.dropped_overlong + self.dropped_empty_prompt + self.dropped_empty_response
+
+    def drop_counts(self) -> str:
+        """The drops by reason, e.g. ``over-long: 3, prompt cut to the BOS alone: 1``."""
+        parts = [
+            ("over-long", self.dropped_overlong),
+            ("prompt cut to the BOS alone", self.dropped_empty_prompt),
+            ("response fully truncated", self.dropped_empty_response),
+        ]
+        return ", ".join(f"{name}: {count}" for name, count in parts if count) or "none"
+
+    def length_line(self, limit: str | None = None) -> str | None:
+        """One line on what the length limit and validation did to the data, or None if nothing.
+
+        Names how many kept examples were truncated (prompt cut, response cut), how many were
+        dropped and why, and how many invalid records were skipped.
+
+        Args:
+            limit: How to name the length limit (default ``max_length N``), e.g. a model's
+                ``seq_length``.
+        """
+        parts = []
+        if self.truncated:
+            parts.append(
+                f"{self.truncated} of {self.examples} examples truncated to "
+                f"{limit or f'max_length {self.max_length}'} (prompt cut: "
+                f"{self.prompt_truncated}, response cut: {self.response_truncated})"
+            )
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped ({self.drop_counts()})")
+        if self.skipped_invalid:
+            parts.append(f"{self.skipped_invalid} invalid records skipped")
+        return "; ".join(parts) or None
+
     def format(self) -> str:
         """A human-readable multi-line report."""
         rate = self.rows / self.seconds if self.seconds > 0 else 0.0
@@ -95,8 +135,9 @@ class PreprocessSummary:
             f"skipped (invalid): {self.skipped_invalid}",
             f"truncated: {self.truncated} (prompt: {self.prompt_truncated}, "
             f"response: {self.response_truncated})",
-            f"dropped: {self.dropped_overlong + self.dropped_empty_response} "
+            f"dropped: {self.dropped} "
             f"(over-long: {self.dropped_overlong}, "
+            f"prompt cut to the BOS alone: {self.dropped_empty_prompt}, "
             f"response fully truncated: {self.dropped_empty_response})",
             f"sequences: {self.sequences}  tokens: {self.tokens}  "
             f"label tokens: {self.label_tokens}",

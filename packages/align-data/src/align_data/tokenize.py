@@ -12,9 +12,10 @@ a chat template already wrote the BOS token's text at the start. An EOS ends eve
 
 Over-long examples follow :class:`TokenizeConfig`: with ``overlong="truncate"`` the prompt is
 truncated from the left (after the BOS) down to ``min_prompt_length`` tokens, then responses from
-the right; an example whose response would lose every token is dropped, never kept with no
-labels. With ``overlong="drop"`` over-long examples are dropped. Either way each truncated or
-dropped example is counted (:class:`TokenizeStats`).
+the right; an example whose response would lose every token, or whose prompt would keep nothing
+but its BOS, is dropped, never trained with no labels or no prompt. With ``overlong="drop"``
+over-long examples are dropped. Either way each truncated or dropped example is counted
+(:class:`TokenizeStats`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 OverlongPolicy = Literal["truncate", "drop"]
-DropKind = Literal["overlong", "empty_response"]
+DropKind = Literal["overlong", "empty_prompt", "empty_response"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,8 +172,9 @@ class FitResult:
         response_lengths: Tokens of each response to keep (its first ones).
         prompt_truncated: Whether the prompt was shortened.
         response_truncated: Whether any response was shortened.
-        drop_kind: ``overlong`` (dropped by ``overlong="drop"``), ``empty_response`` (a
-            response would lose every token) or None when the example is kept.
+        drop_kind: ``overlong`` (dropped by ``overlong="drop"``), ``empty_prompt`` (the prompt
+            would keep nothing but its BOS), ``empty_response`` (a response would lose every
+            token) or None when the example is kept.
         drop_reason: Why the example is dropped, in words, or None.
     """
 
@@ -185,7 +187,11 @@ class FitResult:
 
 
 def fit_lengths(
-    prompt_length: int, response_lengths: Sequence[int], config: TokenizeConfig
+    prompt_length: int,
+    response_lengths: Sequence[int],
+    config: TokenizeConfig,
+    *,
+    prompt_bos: bool = False,
 ) -> FitResult:
     """Applies the over-long policy to token counts (the pure core of truncation).
 
@@ -195,6 +201,8 @@ def fit_lengths(
         prompt_length: Prompt tokens.
         response_lengths: Tokens of each response sharing the prompt.
         config: The policy.
+        prompt_bos: The prompt starts with a BOS that truncation keeps; a prompt truncated to
+            that BOS alone drops the example (``empty_prompt``).
 
     Returns:
         The lengths to keep, or a drop reason.
@@ -217,6 +225,12 @@ def fit_lengths(
     if keep_prompt + longest > limit:
         floor = min(keep_prompt, config.min_prompt_length)
         keep_prompt = max(floor, limit - longest)
+    if keep_prompt < prompt_length and keep_prompt <= int(prompt_bos):
+        reason = (
+            f"prompt truncated to the BOS alone: the longest response has {longest} tokens, "
+            f"max_length is {limit}"
+        )
+        return FitResult(keep_prompt, tuple(response_lengths), False, False, "empty_prompt", reason)
     room = limit - keep_prompt
     kept = tuple(min(r, room) for r in response_lengths)
     if min(kept) <= 0:
@@ -239,7 +253,7 @@ class Tokenized:
         source: The record's origin.
         prompt_truncated: Whether the prompt was truncated.
         response_truncated: Whether a response was truncated.
-        drop_kind: ``overlong`` or ``empty_response`` when dropped, else None.
+        drop_kind: ``overlong``, ``empty_prompt`` or ``empty_response`` when dropped, else None.
         drop_reason: Why it was dropped, in words, or None.
     """
 
@@ -262,6 +276,7 @@ class TokenizeStats:
         prompt_truncated: Kept examples whose prompt was truncated.
         response_truncated: Kept examples with a truncated response.
         dropped_overlong: Examples dropped by ``overlong="drop"``.
+        dropped_empty_prompt: Examples dropped because the prompt would keep only its BOS.
         dropped_empty_response: Examples dropped because a response lost every token.
     """
 
@@ -271,6 +286,7 @@ class TokenizeStats:
     prompt_truncated: int = 0
     response_truncated: int = 0
     dropped_overlong: int = 0
+    dropped_empty_prompt: int = 0
     dropped_empty_response: int = 0
 
     def add(self, item: Tokenized) -> None:
@@ -279,6 +295,8 @@ class TokenizeStats:
         if item.example is None:
             if item.drop_kind == "empty_response":
                 self.dropped_empty_response += 1
+            elif item.drop_kind == "empty_prompt":
+                self.dropped_empty_prompt += 1
             else:
                 self.dropped_overlong += 1
             return
@@ -451,7 +469,8 @@ def tokenize_record(
         The example with its truncation flags, or a drop reason.
 
     Raises:
-        DataError: When chat records have no template, or the template cannot be split.
+        DataError: When chat records have no template, the template cannot be split, or a text
+            cannot be encoded (a lone surrogate).
     """
     enc = _Encoder(tokenizer, chat_template, add_bos=config.add_bos, add_eos=config.add_eos)
     train_prompt = isinstance(record, SFTRecord) and config.train_on_all_assistant_turns
@@ -462,13 +481,18 @@ def tokenize_record(
     else:
         responses = [record.completion]
     train_prompt = train_prompt and not isinstance(record.prompt, str)
-    prompt_ids, mask, outs = enc.encode(record.prompt, responses, record.source, train_prompt)
-    fit = fit_lengths(len(prompt_ids), [len(o) for o in outs], config)
-    if fit.drop_kind is not None:
-        return Tokenized(None, record.source, drop_kind=fit.drop_kind, drop_reason=fit.drop_reason)
+    try:
+        prompt_ids, mask, outs = enc.encode(record.prompt, responses, record.source, train_prompt)
+    except UnicodeEncodeError as exc:
+        source = record.source
+        message = f"cannot be encoded: {exc.reason} (character {exc.start + 1} of a text)"
+        raise DataError(source.path, source.line, RECORD_FIELD, message) from None
     # A BOS in front stays in front when the prompt is truncated, whoever wrote it.
     bos = tokenizer.bos_id
     has_bos = bos is not None and bool(prompt_ids) and prompt_ids[0] == bos
+    fit = fit_lengths(len(prompt_ids), [len(o) for o in outs], config, prompt_bos=has_bos)
+    if fit.drop_kind is not None:
+        return Tokenized(None, record.source, drop_kind=fit.drop_kind, drop_reason=fit.drop_reason)
     keep = fit.prompt_length
     prompt_ids = _cut_prompt(prompt_ids, keep, has_bos)
     mask = _cut_prompt(mask, keep, has_bos)

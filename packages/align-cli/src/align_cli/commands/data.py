@@ -80,16 +80,17 @@ def validate(
 ) -> int:
     """Check every record of ``files``; print counts per file.
 
-    Strict mode stops at the first bad record with ``file:line: field: message`` (exit 2).
-    Lenient mode counts the bad records, prints the first few and writes all of them to
-    ``report`` (exit 1 when any was bad).
+    Every path is first checked to be a readable regular file (``file: is a directory``,
+    ``not a regular file (a FIFO)``, ``no such file``: exit 2). Strict mode stops at the first
+    bad record with ``file:line: field: message`` (exit 2). Lenient mode counts the bad records,
+    prints the first few and writes all of them to ``report`` (exit 1 when any was bad).
     """
-    from align_data import load_records
+    from align_data import check_source_file, load_records
 
+    for path in files:
+        check_source_file(path)
     bad_total = 0
     for path in files:
-        if not Path(path).is_file():
-            raise UsageError(f"{path}: no such file")
         wanted = _kind_of(path, kind, fmt)
         result = load_records(
             path,
@@ -188,8 +189,9 @@ def _summary_table(summary: Any, title: str) -> Table:
             f"{summary.response_truncated:,})",
         ),
         (
-            "dropped (over-long / empty response)",
-            f"{summary.dropped_overlong:,} / {summary.dropped_empty_response:,}",
+            "dropped (over-long / BOS-only prompt / empty response)",
+            f"{summary.dropped_overlong:,} / {summary.dropped_empty_prompt:,} / "
+            f"{summary.dropped_empty_response:,}",
         ),
         ("sequences", f"{summary.sequences:,}"),
         ("tokens", f"{summary.tokens:,}"),
@@ -252,7 +254,7 @@ def stats(
     length (``--tokenizer`` a ``.nemo`` or Hugging Face directory), else ``--max-length``, else
     the longest sequence in the data.
     """
-    from align_data import TokenizedDataset, length_histogram, preprocess
+    from align_data import TokenizedDataset, check_source_file, length_histogram, preprocess
 
     model_length = None
     if len(files) == 1 and (Path(files[0]) / "meta.json").is_file():
@@ -262,8 +264,7 @@ def stats(
         tokenizer_line = "tokenizer: the one it was preprocessed with (see its meta.json)"
     else:
         for path in files:
-            if not Path(path).is_file():
-                raise UsageError(f"{path}: no such file")
+            check_source_file(path)
         wanted = _kind_of(files[0], kind, fmt)
         model_length = _model_seq_length(tokenizer)
         if max_length is None and model_length is not None:

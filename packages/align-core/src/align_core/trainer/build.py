@@ -208,11 +208,19 @@ def load_datasets(
 ) -> Datasets:
     """Validate and tokenize the run's data (cached under ``run_dir/data``).
 
-    ``status`` (rank 0) is told before a slow phase starts (building the synthetic data).
+    ``status`` (rank 0) is told before a slow phase starts (building the synthetic data), and
+    how many examples of each split were truncated (prompt or response cut), dropped (and why)
+    or skipped as invalid, when any were. Dropped and skipped records are listed with their
+    reasons in ``run_dir/data/skipped.jsonl`` (``skipped-validation.jsonl`` for held-out data).
 
     Raises:
-        align_data.DataError: The first malformed record (strict mode), naming file and line.
+        align_data.DataError: The first malformed record (strict mode), naming file and line;
+            a data path that is not a readable regular file.
+        ValueError: The examples left after dropping over-long ones do not fill one global
+            batch (the message says how many were dropped and why).
     """
+    from dataclasses import replace
+
     from align_data import PreprocessConfig, TokenizeConfig, preprocess
 
     data_dir = Path(run.run_dir) / "data"
@@ -224,14 +232,34 @@ def load_datasets(
         strict=run.data.strict,
         tokenize=TokenizeConfig(max_length=seq_length + 1, overlong=run.data.over_long),
         progress=False,
-        report_path=str(data_dir / "skipped.jsonl") if not run.data.strict else None,
     )
+    reports = {
+        "training": data_dir / "skipped.jsonl",
+        "validation": data_dir / "skipped-validation.jsonl",
+    }
 
-    def prepare(paths: list[str]) -> Any:
-        return on_main_then_all(lambda: preprocess(paths, tokenizer, data_dir / "cache", config))
+    def prepare(paths: list[str], split: str) -> Any:
+        # Rank 0 alone writes the list, so that no two ranks copy it at once.
+        split_config = replace(config, report_path=str(reports[split]) if main else None)
+        return on_main_then_all(
+            lambda: preprocess(paths, tokenizer, data_dir / "cache", split_config)
+        )
 
-    train = prepare(train_files)
-    val = prepare(val_files) if val_files else []
+    train = prepare(train_files, "training")
+    val = prepare(val_files, "validation") if val_files else []
+    if main and status is not None:
+        for name, dataset in [("training", train)] + ([("validation", val)] if val_files else []):
+            line = dataset.summary.length_line(f"seq_length {seq_length}")
+            if line is not None:
+                status(f"{name} data: {line} (listed in {reports[name]})")
+    shown = train.summary
+    if shown.dropped and len(train) < run.data.global_batch_size:
+        raise ValueError(
+            f"{len(train)} training examples do not fill one global batch of "
+            f"{run.data.global_batch_size} (model.global_batch_size): {shown.dropped} of "
+            f"{shown.records} were dropped as over-long for seq_length {seq_length} "
+            f"({shown.drop_counts()}; model.data.over_long={run.data.over_long})"
+        )
     fingerprint = train.fingerprint + ":" + (val.fingerprint if val_files else "-")
     return Datasets(train, val, fingerprint, train.summary.format() if main else "")
 
