@@ -20,7 +20,7 @@ from align_core import (
     seed_all,
     wrap_ddp,
 )
-from align_core.offload import (
+from align_core.generation.offload import (
     inner_optimizers,
     offload_optimizer_state,
     optimizer_state_offloaded,

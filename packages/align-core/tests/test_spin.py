@@ -16,24 +16,25 @@ import torch
 
 from align_core.algorithms._common import segment_sums
 from align_core.algorithms.spin import SPINConfig, SPINStep, spin_loss_and_metrics, spin_model_batch
-from align_core.generation import LengthConfig, SamplingConfig
-from align_core.trainer import ReferenceConfig
-from align_core.trainer.spin import (
+from align_core.generation import (
     GenerateConfig,
-    SPINTrainerConfig,
+    GenerationRow,
+    LengthConfig,
+    SamplingConfig,
     generate_jsonl,
     generation_length,
-    plan_iterations,
-    resolve_opponent_strategy,
-)
-from align_core.trainer.spin_rollout import (
-    GenerationRow,
-    Opponent,
     generation_seeds,
     make_generator,
     read_generations,
     rollout,
     write_generations,
+)
+from align_core.reference import TrainOnlyReference, refreshable_reference
+from align_core.trainer import ReferenceConfig
+from align_core.trainer.spin import (
+    SPINTrainerConfig,
+    plan_iterations,
+    resolve_opponent_strategy,
 )
 from align_data import CollateConfig, DataError, PreferenceExample, generate_pairs
 
@@ -202,11 +203,11 @@ def _spin_trainer(mbs, *, strategy="swap", lpf=None, seed=1234):
     cfg = SPINConfig(ref_policy_kl_penalty=0.5, log_prob_forward_micro_batch_size=lpf)
     step = SPINStep(cfg, iteration=0)
     merge = 1 if lpf is None else lpf // mbs
-    opponent = Opponent(
-        policy, T.FORWARD, strategy=strategy, merge=merge, opponent_model=opponent_model
+    opponent = refreshable_reference(
+        strategy, policy, T.FORWARD, merge=merge, reference_model=opponent_model
     )
     source = T.data(_pairs(16), [], step, mbs=mbs, gbs=4)
-    return T.trainer(policy, step, source, reference=opponent), opponent
+    return T.trainer(policy, step, source, reference=TrainOnlyReference(opponent)), opponent
 
 
 def test_micro_batch_1_x_accumulation_4_equals_4_x_1_and_starts_at_ln2(dist_ctx):
@@ -264,7 +265,7 @@ def test_opponent_keeps_its_weights_until_refreshed(dist_ctx):
     # Validation batches (SFT) need no reference: zeros, no forward.
     sft = T.sft_examples(2)
     val = SPINStep(SPINConfig()).build_micro_batch(sft, T.COLLATE)
-    assert opponent.logps([val], split="val")[0].tolist() == [0.0, 0.0]
+    assert TrainOnlyReference(opponent).logps([val], split="val")[0].tolist() == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------- rollouts

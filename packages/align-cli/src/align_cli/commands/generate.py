@@ -97,7 +97,7 @@ def run_generate_worker(
     """One rank of ``align generate``; global rank 0 prints what was written."""
     from align_cli.launch import world_rank
     from align_cli.worker import quiet_library_warnings
-    from align_core.trainer.spin import generate_jsonl
+    from align_core.generation import generate_jsonl
 
     quiet_library_warnings()
     tree = composed.tree

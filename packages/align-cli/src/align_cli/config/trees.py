@@ -45,8 +45,9 @@ from align_cli.config.schema import (
 from align_cli.config.structured import FieldSpec, extract, flat_fields, typed_section
 from align_core.algorithms.spin import SPINConfig
 from align_core.config import ModelConfig, ParallelConfig
+from align_core.generation import GenerateConfig
 from align_core.trainer import DataConfig, ReferenceConfig, TrainerConfig
-from align_core.trainer.spin import GenerateConfig, SPINRunConfig, SPINTrainerConfig
+from align_core.trainer.spin import SPINRunConfig, SPINTrainerConfig
 from align_kd.config import KnowledgeDistillationConfig, TeacherPassConfig
 from align_kd.train import KDRunConfig, KDTeacherRunConfig, TeacherSourceConfig
 

@@ -5,8 +5,10 @@ Models" (https://arxiv.org/abs/2401.01335). In iteration ``t`` the opponent π_t
 it was when the iteration started) answers every training prompt ``x`` with ``y'``; the policy
 is trained to prefer the real SFT answer ``y`` over ``y'`` with `align_losses.spin_loss` at
 β_t (``ref_policy_kl_penalty``), with π_t as the reference; then the trained policy becomes the
-next opponent. The iteration loop, generation and checkpointing are in
-`align_core.trainer.spin`; this module is the algorithm step of one iteration:
+next opponent. The iteration loop and checkpointing are in `align_core.trainer.spin`, the
+rollouts in `align_core.generation.rollout`, and the opponent is a refreshable reference
+strategy (`align_core.reference.refreshable_reference`); this module is the algorithm step of
+one iteration:
 
     loss = Σ_pairs −log σ(β_t·[(π(y|x) − π_t(y|x)) − (π(y'|x) − π_t(y'|x))]) / (pairs in the
            global batch)
@@ -22,7 +24,9 @@ EOS and added a prompt token.) Log-probs are per-sequence sums, as in NeMo-Align
 
 Validation (NeMo-Aligner's choice): the SFT negative log-likelihood of held-out prompt/answer
 examples, per response token (``loss``). `SPINStep` therefore also builds SFT micro-batches for
-validation; pair batches are recognised by their ``generated_lengths`` field.
+validation; pair batches are recognised by their ``generated_lengths`` field. The loss of an SFT
+batch never reads ``ref_logps``, so the run hands the trainer its opponent wrapped in
+`align_core.reference.TrainOnlyReference`: validation batches get zeros without a forward.
 
 Logged rewards are the implicit rewards β·(π − π_ref) that `align_losses` returns (the DPO
 paper's convention, used by every algorithm here; NeMo-Aligner logged the unscaled log-ratio).

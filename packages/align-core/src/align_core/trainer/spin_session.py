@@ -24,7 +24,21 @@ import torch
 import torch.distributed as dist
 
 from align_core.algorithms.spin import SPINStep
-from align_core.offload import optimizer_state_offloaded
+from align_core.generation import (
+    VALIDATION_STREAM,
+    GenerationRow,
+    RolloutResult,
+    decode_rows,
+    generation_length,
+    generation_seeds,
+    make_generator,
+    optimizer_state_offloaded,
+    read_generations,
+    rollout,
+    write_generations,
+    write_jsonl_atomically,
+)
+from align_core.reference import TrainOnlyReference, refreshable_reference
 from align_core.trainer.build import (
     build_policy,
     load_datasets,
@@ -39,23 +53,9 @@ from align_core.trainer.signals import StopRequest, parse_max_time
 from align_core.trainer.spin import (
     IterationPlan,
     SPINRunConfig,
-    generation_length,
     plan_iterations,
     resolve_opponent_strategy,
     trainer_config,
-)
-from align_core.trainer.spin_rollout import (
-    VALIDATION_STREAM,
-    GenerationRow,
-    Opponent,
-    RolloutResult,
-    decode_rows,
-    generation_seeds,
-    make_generator,
-    read_generations,
-    rollout,
-    write_generations,
-    write_jsonl_atomically,
 )
 from align_data.tokenize import PreferenceExample
 
@@ -258,12 +258,12 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
 
     policy = build_policy(source, run.parallel)
     forward_fn = functools.partial(forward_token_logps, vocab_size=tok.vocab_size)
-    opponent = Opponent(
+    opponent = refreshable_reference(
+        strategy,
         policy,
         forward_fn,
-        strategy=strategy,
         merge=_reference_merge(run, accumulation),
-        opponent_model=build_policy(source, run.parallel) if strategy == "model" else None,
+        reference_model=build_policy(source, run.parallel) if strategy == "model" else None,
     )
     model = wrap_ddp(policy)
     optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
@@ -485,7 +485,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
                     start=plan.start_step,
                 ),
                 groups=groups,
-                reference=opponent,
+                reference=TrainOnlyReference(opponent),  # validation: the SFT NLL
                 save=save_fn(plan),
                 sinks=[forward_sinks],
                 stop=stop,

@@ -4,8 +4,8 @@ Adam keeps two moments per trained parameter and, for bf16/fp16 models, fp32 mas
 12 bytes per parameter next to the model's 2, idle while SPIN generates its responses. Moving
 them to host memory for that time leaves the KV cache and larger rollout batches the room.
 
-`optimizer_state_offloaded` is the context manager the SPIN session wraps its rollout in (a no-op
-without CUDA); `offload_optimizer_state` / `restore_optimizer_state` are its two halves, which
+`optimizer_state_offloaded` is the context manager the SPIN session wraps its rollouts in (a
+no-op without CUDA); `offload_optimizer_state` / `restore_optimizer_state` are its two halves, which
 take the device type to move from so the round trip is testable on CPU tensors.
 
 What moves: every tensor in the state of each (chained) megatron optimizer's inner torch
