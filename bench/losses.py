@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,9 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from align_losses import chunked_linear_logps, token_logps, topk_kd_loss
+from align_losses import chunked_linear_logps, full_vocab_kd_loss, token_logps, topk_kd_loss
+from align_losses.logps import sequence_logps
+from align_losses.reference_free import orpo_loss, simpo_loss
 
 MiB = 1 << 20
 
@@ -76,6 +79,71 @@ def naive_topk_kd(
         log_q = torch.cat([log_q_ids, q_tail.log()], dim=-1)
         log_p = torch.cat([log_p_ids, p_tail.log()], dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _naive_jsd(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised JSD as TRL writes it: a stacked log-sum-exp for the mixture, then two KLs."""
+    log_m = torch.logsumexp(torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)]), 0)
+    kl_p = torch.nn.functional.kl_div(log_m, log_p, reduction="none", log_target=True)
+    kl_q = torch.nn.functional.kl_div(log_m, log_q, reduction="none", log_target=True)
+    return (beta * kl_p + (1 - beta) * kl_q).sum(-1)
+
+
+def naive_topk_jsd(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    teacher_lse: torch.Tensor | None,
+    beta: float,
+) -> torch.Tensor:
+    """Generalised JSD over the teacher's top-K (+ tail) with stock ops."""
+    student = student.float()
+    if teacher_lse is None:
+        log_q = torch.log_softmax(student.gather(-1, ids), dim=-1)
+        log_p = torch.log_softmax(values, dim=-1)
+    else:
+        log_q_ids = torch.log_softmax(student, dim=-1).gather(-1, ids)
+        log_p_ids = values - teacher_lse.unsqueeze(-1)
+        q_tail = (1 - log_q_ids.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+        p_tail = (1 - log_p_ids.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+        log_q = torch.cat([log_q_ids, q_tail.log()], dim=-1)
+        log_p = torch.cat([log_p_ids, p_tail.log()], dim=-1)
+    return _naive_jsd(log_p, log_q, beta)
+
+
+def naive_full_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Full-vocabulary generalised JSD (TRL's ``generalized_jsd_loss``, per token)."""
+    log_q = torch.log_softmax(student.float(), dim=-1)
+    log_p = torch.log_softmax(teacher.float(), dim=-1)
+    return _naive_jsd(log_p, log_q, beta)
+
+
+def _naive_sequence_sums(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts per sequence, with a full log-softmax."""
+    mask = labels != -100
+    picked = naive_token_logps(logits, labels.clamp(min=0))
+    return torch.where(mask, picked, 0.0).sum(-1), mask.sum(-1).float()
+
+
+def naive_simpo(
+    logits: torch.Tensor, labels: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """SimPO as written in its paper: length-normalised policy log-probs, margin γ."""
+    sums, counts = _naive_sequence_sums(logits, labels)
+    b = sums.shape[0] // 2
+    avg = sums / counts.clamp(min=1)
+    return -torch.nn.functional.logsigmoid(beta * (avg[:b] - avg[b:]) - gamma)
+
+
+def naive_orpo(logits: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """ORPO as written in its paper: chosen NLL + λ·(−log σ(log odds ratio))."""
+    sums, counts = _naive_sequence_sums(logits, labels)
+    b = sums.shape[0] // 2
+    avg = sums / counts.clamp(min=1)
+    log_odds = avg - torch.log1p(-torch.exp(avg))
+    return -avg[:b] - lam * torch.nn.functional.logsigmoid(log_odds[:b] - log_odds[b:])
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -219,6 +287,73 @@ def _teacher_topk(
     return torch.cat(values), torch.cat(ids), torch.cat(lse)
 
 
+def _jsd_case(
+    name: str, n: int, vocab: int, args: argparse.Namespace, gen: torch.Generator
+) -> Case:
+    """Generalised JSD (β = 0.5): top-K (K-way or tail bucket) or full vocabulary."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    upstream = torch.randn(n, device=device, generator=gen)
+    student = torch.randn(n, vocab, device=device, generator=gen).to(dtype).requires_grad_()
+    beta = 0.5
+    if name == "full_vocab_kd_loss_jsd":
+        teacher = (torch.randn(n, vocab, device=device, generator=gen) * 2).to(dtype)
+        return Case(
+            "full_vocab_kd_loss (jsd, β=0.5)",
+            vocab,
+            lambda: naive_full_jsd(student, teacher, beta),
+            lambda: full_vocab_kd_loss(student, teacher, divergence="jsd", beta=beta),
+            [student],
+            upstream,
+        )
+    tail = name == "topk_kd_loss_jsd_tail"
+    values, ids, lse = _teacher_topk(n, vocab, args.k, device, gen)
+    if not tail:
+        lse = None
+    return Case(
+        f"topk_kd_loss (jsd, β=0.5, K={args.k}, {'tail bucket' if tail else 'K-way'})",
+        vocab,
+        lambda: naive_topk_jsd(student, values, ids, lse, beta),
+        lambda: topk_kd_loss(
+            student, values, ids, teacher_logsumexp=lse, divergence="jsd", beta=beta
+        ),
+        [student],
+        upstream,
+    )
+
+
+def _reference_free_case(
+    name: str, n: int, vocab: int, args: argparse.Namespace, gen: torch.Generator
+) -> Case:
+    """SimPO / ORPO from the logits of a batch of pairs: N tokens as 2B sequences of 256."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    seq = 256
+    rows = max(2, n // seq // 2 * 2)
+    logits = torch.randn(rows, seq, vocab, device=device, generator=gen).to(dtype)
+    logits.requires_grad_()
+    labels = torch.randint(0, vocab, (rows, seq), device=device, generator=gen)
+    labels[:, :32] = -100  # prompt
+    ends = torch.randint(seq // 2, seq + 1, (rows, 1), device=device, generator=gen)
+    labels[torch.arange(seq, device=device) >= ends] = -100  # right padding
+    counts = (labels != -100).sum(-1)
+    b = rows // 2
+    upstream = torch.randn(b, device=device, generator=gen)
+
+    def ours() -> torch.Tensor:
+        sums = sequence_logps(logits, labels)
+        if name == "simpo_loss":
+            return simpo_loss(sums[:b], sums[b:], counts[:b], counts[b:], beta=2.0, gamma=1.0)[0]
+        return orpo_loss(sums[:b], sums[b:], counts[:b], counts[b:], odds_ratio_weight=0.1)[0]
+
+    def naive() -> torch.Tensor:
+        if name == "simpo_loss":
+            return naive_simpo(logits, labels, 2.0, 1.0)
+        return naive_orpo(logits, labels, 0.1)
+
+    return Case(
+        f"{name} (from logits, {b} pairs × 2 × {seq})", vocab, naive, ours, [logits], upstream
+    )
+
+
 def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -249,6 +384,10 @@ def build(name: str, n: int, vocab: int, args: argparse.Namespace) -> Case:
             [hidden] if frozen else [hidden, weight],
             upstream,
         )
+    if name in ("topk_kd_loss_jsd", "topk_kd_loss_jsd_tail", "full_vocab_kd_loss_jsd"):
+        return _jsd_case(name, n, vocab, args, gen)
+    if name in ("simpo_loss", "orpo_loss"):
+        return _reference_free_case(name, n, vocab, args, gen)
     tail = name == "topk_kd_loss_tail"
     student = torch.randn(n, vocab, device=device, generator=gen).to(dtype).requires_grad_()
     values, ids, lse = _teacher_topk(n, vocab, args.k, device, gen)
@@ -270,6 +409,11 @@ FUNCTIONS = [
     "chunked_linear_logps_frozen_weight",
     "topk_kd_loss",
     "topk_kd_loss_tail",
+    "topk_kd_loss_jsd",
+    "topk_kd_loss_jsd_tail",
+    "full_vocab_kd_loss_jsd",
+    "simpo_loss",
+    "orpo_loss",
 ]
 
 

@@ -24,6 +24,7 @@ from _losses_reference import naive_token_logps, naive_topk_kd
 import align_losses._common as common
 from align_losses import (
     chunked_linear_logps,
+    full_vocab_kd_loss,
     kto_loss,
     sequence_logps,
     token_logps,
@@ -135,6 +136,62 @@ def check_topk_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
         _close(local.grad, whole.grad[..., _slice(rank)])
 
 
+MIXTURE_SETTINGS = (
+    ("jsd", dict(beta=0.3)),
+    ("jsd", dict(beta=0.5)),
+    ("skew_forward_kl", dict(skew=0.2)),
+    ("skew_reverse_kl", dict(skew=0.2)),
+)
+
+
+def check_topk_kd_mixtures(rank: int, group: dist.ProcessGroup) -> None:
+    gen = torch.Generator().manual_seed(6)
+    for (divergence, params), tail, cross, k in itertools.product(
+        MIXTURE_SETTINGS, (False, True), (False, True), (4, 7)
+    ):
+        student = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
+        teacher = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
+        values, ids = teacher.topk(k, dim=-1)
+        kwargs = dict(
+            divergence=divergence,
+            student_scale=0.8,
+            teacher_logsumexp=teacher.logsumexp(-1) if tail else None,
+            cross_tokenizer=cross,
+            token_weights=torch.rand(2, 3, generator=gen, dtype=torch.float64),
+            **params,
+        )
+        upstream = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+        local = student[..., _slice(rank)].clone().requires_grad_()
+        whole = student.clone().requires_grad_()
+        out = topk_kd_loss(local, values, ids, group=group, vocab_start=BOUNDS[rank], **kwargs)
+        ref = topk_kd_loss(whole, values, ids, **kwargs)
+        _close(out, ref)
+        (out * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        _close(local.grad, whole.grad[..., _slice(rank)])
+
+
+def check_full_vocab_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
+    gen = torch.Generator().manual_seed(7)
+    settings = (("forward_kl", {}), ("reverse_kl", {}), *MIXTURE_SETTINGS)
+    for divergence, params in settings:
+        student = torch.randn(2, 4, VOCAB, generator=gen, dtype=torch.float64) * 3
+        teacher = torch.randn(2, 4, VOCAB, generator=gen, dtype=torch.float64) * 3
+        # Padded vocabulary: rank 1's slice of the first row is −inf on both sides.
+        student[0, 0, BOUNDS[1] :] = float("-inf")
+        teacher[0, 0, BOUNDS[1] :] = float("-inf")
+        kwargs = dict(divergence=divergence, student_scale=0.9, teacher_scale=1.1, **params)
+        upstream = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+        local = student[..., _slice(rank)].clone().requires_grad_()
+        whole = student.clone().requires_grad_()
+        out = full_vocab_kd_loss(local, teacher[..., _slice(rank)], group=group, **kwargs)
+        ref = full_vocab_kd_loss(whole, teacher, **kwargs)
+        _close(out, ref)
+        (out * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        _close(local.grad, whole.grad[..., _slice(rank)])
+
+
 def check_kto_group_baseline(rank: int, group: dist.ProcessGroup) -> None:
     def baseline(per_rank: list[list[float]]) -> float:
         kl = torch.tensor(per_rank[rank], dtype=torch.float64)
@@ -167,6 +224,8 @@ CHECKS: dict[str, Callable[[int, dist.ProcessGroup], None]] = {
     "chunked_linear_logps": check_chunked_linear_logps,
     "topk_kd_loss": check_topk_kd_loss,
     "kto_group_baseline": check_kto_group_baseline,
+    "topk_kd_mixtures": check_topk_kd_mixtures,
+    "full_vocab_kd_loss": check_full_vocab_kd_loss,
 }
 
 

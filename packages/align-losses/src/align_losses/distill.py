@@ -13,28 +13,45 @@ student's full logits are live. Two student-side custom autograd functions keep 
 
 The divergence itself is then computed on ``[N, K]`` (or ``[N, K + 1]``) tensors with ordinary
 autograd.
+
+`full_vocab_kd_loss` takes the teacher's full logits instead (on-policy distillation, GKD, with
+an online teacher): ``_FullVocabDivergence`` computes the divergence a chunk of rows at a time,
+saves the two logits tensors (already alive) and a few floats per token, and recomputes both
+softmaxes in backward, so no ``[N, V]`` temporary outlives a chunk. The divergences themselves
+(forward/reverse KL, generalised JSD, skewed KLs) are written once, per class, in
+``align_losses._divergence``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from align_losses._common import Workspace, compute_dtype, row_chunks, upcast
+from align_losses._common import Workspace, chunk_rows, compute_dtype, row_chunks, upcast
+from align_losses._divergence import (
+    MIXTURE_KINDS,
+    KDDivergence,
+    clamp_log,
+    log_mixture,
+    pointwise_grad,
+    pointwise_terms,
+    resolve_divergence,
+)
 from align_losses._vocab_parallel import (
     ProcessGroup,
     all_gather_cat,
+    all_reduce,
     combine_logsumexp,
     gather_owned,
     owned_columns,
 )
 
-__all__ = ["topk_kd_loss"]
-
-KDDivergence = Literal["forward_kl", "reverse_kl"]
+__all__ = ["KDDivergence", "full_vocab_kd_loss", "topk_kd_loss"]
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -204,20 +221,36 @@ def _divergence(p: Tensor, log_p: Tensor, log_q: Tensor, divergence: KDDivergenc
     return terms.sum(dim=-1)
 
 
+def _check_weights(token_weights: Tensor | None, lead: torch.Size) -> None:
+    """Refuse ``token_weights`` whose shape is not the per-token shape ``lead``."""
+    if token_weights is not None and token_weights.shape != lead:
+        raise ValueError(
+            f"token_weights must have shape {tuple(lead)}, got {tuple(token_weights.shape)}"
+        )
+
+
+def _weighted(loss: Tensor, token_weights: Tensor | None) -> Tensor:
+    """``loss · token_weights`` (in the loss's dtype), or ``loss`` when there are no weights."""
+    return loss if token_weights is None else loss * token_weights.to(loss.dtype)
+
+
 def topk_kd_loss(
     student_logits: Tensor,
     teacher_topk_logits: Tensor,
     teacher_topk_ids: Tensor | None,
     *,
     divergence: KDDivergence = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
     student_scale: float = 1.0,
     teacher_scale: float = 1.0,
     teacher_logsumexp: Tensor | None = None,
     cross_tokenizer: bool = False,
+    token_weights: Tensor | None = None,
     group: ProcessGroup | None = None,
     vocab_start: int = 0,
 ) -> Tensor:
-    r"""Per-token KL divergence between the teacher's top-K distribution and the student's.
+    r"""Per-token divergence between the teacher's top-K distribution and the student's.
 
     Default (K-way, as NeMo-Aligner): both distributions are renormalised over the teacher's K
     ids :math:`k_1..k_K`,
@@ -237,10 +270,31 @@ def topk_kd_loss(
         p_i = e^{t_i - L},\ p_{tail} = 1 - \sum_i p_i; \qquad
         q_i = \mathrm{softmax}(s_s z)_{k_i},\ q_{tail} = 1 - \sum_i q_i
 
-    and the same KL over the K + 1 classes. :math:`q_{tail}` is computed from the tail logits
-    themselves (exact even when it is tiny); :math:`p_{tail}` is clamped at 0 and its log at the
-    smallest normal float. Where the student's tail is empty (the ids cover its whole
-    vocabulary, e.g. K = V) the tail class is dropped.
+    and the same divergence over the K + 1 classes. :math:`q_{tail}` is computed from the tail
+    logits themselves (exact even when it is tiny); :math:`p_{tail}` is clamped at 0 and its
+    log at the smallest normal float. Where the student's tail is empty (the ids cover its
+    whole vocabulary, e.g. K = V) the tail class is dropped.
+
+    Other divergences, over the same K (or K + 1) classes, with the mixture
+    :math:`m = \lambda p + (1 - \lambda) q` formed in probability space
+    (:math:`\log m = \mathrm{logaddexp}(\log p + \log\lambda, \log q + \log(1-\lambda))`,
+    in float32 or float64):
+
+    * ``"jsd"``, the generalised Jensen-Shannon divergence of GKD (Agarwal et al., 2024,
+      https://arxiv.org/abs/2306.13649, eq. 1; TRL's ``generalized_jsd_loss``), :math:`\lambda =
+      \beta`: :math:`\beta\,\mathrm{KL}(p \| m) + (1 - \beta)\,\mathrm{KL}(q \| m)`. As in
+      GKD and TRL, β = 0 *is* the forward KL and β = 1 the reverse KL (computed as
+      ``"forward_kl"`` / ``"reverse_kl"``, bit for bit); for 0 < β < 1 the value tends to 0 at
+      both ends, behaving like β·forward KL near β = 0 and (1 − β)·reverse KL near β = 1.
+      β = 0.5 is the symmetric Jensen-Shannon divergence.
+    * ``"skew_forward_kl"``: :math:`\mathrm{KL}(p \| \alpha p + (1-\alpha) q)` and
+      ``"skew_reverse_kl"``: :math:`\mathrm{KL}(q \| (1-\alpha) p + \alpha q)`, α = ``skew``
+      (DistiLLM, Ko et al., 2024, https://arxiv.org/abs/2402.03898; α = 0 is the plain KL).
+      These are true KLs (0 when p = q): DistiLLM's code drops the teacher entropy from the skew
+      forward KL, which changes the value but not the gradient.
+
+    The mixture divergences (including the β and α endpoints) are clamped at 0, so rounding
+    never makes them negative; ``"forward_kl"`` and ``"reverse_kl"`` are returned unclamped.
 
     Cross-tokenizer (``cross_tokenizer=True``): the ids are the student's own top-K of
     :math:`s_s z` and the teacher logits are sorted descending; the i-th largest student logit is
@@ -255,25 +309,31 @@ def topk_kd_loss(
         student_logits: ``[..., V]`` (or ``[..., V_local]``) student logits, any float dtype.
         teacher_topk_logits: ``[..., K]`` teacher logits of its top-K tokens.
         teacher_topk_ids: ``[..., K]`` their global vocabulary ids (distinct within a row).
-        divergence: ``"forward_kl"`` (KL(teacher ‖ student)) or ``"reverse_kl"``.
+        divergence: ``"forward_kl"`` (KL(teacher ‖ student)), ``"reverse_kl"``
+            (KL(student ‖ teacher)), ``"jsd"``, ``"skew_forward_kl"`` or ``"skew_reverse_kl"``.
+        beta: β of ``"jsd"``, in [0, 1] (the teacher's weight in the mixture).
+        skew: α of the skewed KLs, in [0, 1).
         student_scale: :math:`s_s > 0`, multiplies the student logits (an inverse temperature).
         teacher_scale: :math:`s_t > 0`, multiplies the teacher logits.
         teacher_logsumexp: ``[...]`` teacher log-sum-exp over its full vocabulary; turns on the
             tail bucket.
         cross_tokenizer: pair the student's own top-K with the teacher's by rank.
+        token_weights: ``[...]`` per-token weights multiplying the per-token divergence (for
+            example on-policy importance weights or a mask); gradients flow into them if they
+            require grad.
         group: process group the student vocabulary is sharded over, or None.
         vocab_start: first global vocabulary id of this rank's slice.
 
     Returns:
-        ``[...]`` per-token loss in float32 (float64 for float64 student logits). Mask padding
-        positions and reduce yourself.
+        ``[...]`` per-token loss in float32 (float64 for float64 student logits), times
+        ``token_weights`` when given. Mask padding positions and reduce yourself.
 
     Raises:
         ValueError: on mismatched shapes, K larger than the vocabulary, non-positive scales, an
-            unknown divergence, or a tail bucket with ``teacher_scale != 1``.
+            unknown divergence, β or α out of range, or a tail bucket with
+            ``teacher_scale != 1``.
     """
-    if divergence not in ("forward_kl", "reverse_kl"):
-        raise ValueError(f"divergence must be 'forward_kl' or 'reverse_kl', got {divergence!r}")
+    kind, lam = resolve_divergence(divergence, beta, skew)
     if not (student_scale > 0 and teacher_scale > 0):
         raise ValueError("student_scale and teacher_scale must be positive")
     if teacher_logsumexp is not None and teacher_scale != 1.0:
@@ -288,6 +348,7 @@ def topk_kd_loss(
         raise ValueError(f"K = {top_k} must be in [1, V = {student_logits.shape[-1]}]")
     if teacher_logsumexp is not None and teacher_logsumexp.shape != lead:
         raise ValueError(f"teacher_logsumexp must have shape {tuple(lead)}")
+    _check_weights(token_weights, lead)
 
     teacher = upcast(teacher_topk_logits.detach())
     if cross_tokenizer:
@@ -318,4 +379,202 @@ def topk_kd_loss(
         log_p_tail = torch.log(p_tail.clamp(min=torch.finfo(cdt).tiny))
         p = torch.cat([p_ids, p_tail.unsqueeze(-1)], dim=-1)
         log_p = torch.cat([log_p_ids, log_p_tail.unsqueeze(-1)], dim=-1)
-    return _divergence(p, log_p, log_q, divergence)
+    if divergence in ("forward_kl", "reverse_kl"):
+        loss = _divergence(p, log_p, log_q, divergence)
+    elif kind in MIXTURE_KINDS:
+        log_p, log_q = clamp_log(log_p), clamp_log(log_q)
+        terms = pointwise_terms(p, log_p, log_q.exp(), log_q, kind, lam)
+        loss = terms.sum(dim=-1).clamp(min=0.0)
+    else:  # an endpoint of a mixture divergence: the plain KL, clamped like the mixtures
+        loss = _divergence(p, log_p, log_q, kind).clamp(min=0.0)  # type: ignore[arg-type]
+    return _weighted(loss, token_weights)
+
+
+#: Chunk-sized temporaries alive at once while a chunk of the full-vocabulary divergence is
+#: computed (both log-probabilities, both probabilities, the log-mixture and a term).
+_FULL_BUFFERS = 8
+
+
+def _paired_row_blocks(
+    x: Tensor, y: Tensor, first_row: int = 0
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(first_row, x_rows, y_rows)``: matching 2-D views of two same-shaped ``[..., V]``."""
+    if x.dim() <= 2:
+        yield first_row, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        return
+    try:
+        flat_x, flat_y = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    except RuntimeError:
+        rows_per_item = x[0].numel() // max(x.shape[-1], 1)
+        for i in range(x.shape[0]):
+            yield from _paired_row_blocks(x[i], y[i], first_row + i * rows_per_item)
+        return
+    yield first_row, flat_x, flat_y
+
+
+def _paired_row_chunks(x: Tensor, y: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Row chunks of two same-shaped ``[..., V]`` tensors, without copying either."""
+    step = chunk_rows(x, _FULL_BUFFERS)
+    for first, block_x, block_y in _paired_row_blocks(x, y):
+        for start in range(0, block_x.shape[0], step):
+            stop = min(start + step, block_x.shape[0])
+            yield slice(first + start, first + stop), block_x[start:stop], block_y[start:stop]
+
+
+def _row_logsumexp(
+    x: Tensor, scale: float, cdt: torch.dtype, group: ProcessGroup | None
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(shift, log_sum)`` of ``scale·x`` over the whole (possibly sharded) vocabulary.
+
+    A row whose every logit is ``−inf`` gets ``log_sum = 0`` (its log-probabilities are all
+    ``−inf``, i.e. an empty distribution, instead of NaN).
+    """
+    num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    shift = torch.empty(num_rows, dtype=cdt, device=x.device)
+    log_sum = torch.empty(num_rows, dtype=cdt, device=x.device)
+    for rows, chunk in row_chunks(x, buffers=2):
+        top = chunk.amax(dim=1).to(cdt) * scale
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        shift[rows] = top
+        shifted = torch.add(-top.unsqueeze(1), chunk, alpha=scale)  # in cdt (type promotion)
+        log_sum[rows] = shifted.exp_().sum(dim=1).log_()
+    shift, log_sum = combine_logsumexp(shift, log_sum, group)
+    log_sum = torch.where(torch.isfinite(log_sum), log_sum, torch.zeros_like(log_sum))
+    return shift, log_sum
+
+
+def _chunk_log_probs(
+    chunk: Tensor, scale: float, stats: tuple[Tensor, Tensor], rows: slice, cdt: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Probabilities and (finite-clamped) log-probabilities of a chunk of rows."""
+    shift, log_sum = stats
+    # (scale·z − shift) − log_sum, the shift apart from the log-sum as in log_softmax.
+    log_x = torch.add(-shift[rows].unsqueeze(1), chunk, alpha=scale).to(cdt)
+    log_x.sub_(log_sum[rows].unsqueeze(1)).clamp_(min=torch.finfo(cdt).min)
+    return log_x.exp(), log_x
+
+
+class _FullVocabDivergence(torch.autograd.Function):
+    """Per-row divergence between ``softmax(s_t·t)`` and ``softmax(s_s·z)`` over the vocabulary.
+
+    Forward, per row: both log-sum-exps (combined over the vocabulary shards), then, a chunk of
+    rows at a time, ``D = Σ_v f_v`` and ``G = Σ_v g_v`` with ``f``/``g`` the per-class term and
+    its derivative in ``log q`` (``align_losses._divergence``), summed over the shards. Backward
+    recomputes both softmaxes chunk by chunk: ``∂D/∂z_v = s_s·(g_v − q_v·G)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        kind: str,
+        lam: float,
+        student_scale: float,
+        teacher_scale: float,
+        group: ProcessGroup | None,
+    ) -> Tensor:
+        cdt = torch.promote_types(compute_dtype(student.dtype), compute_dtype(teacher.dtype))
+        s_stats = _row_logsumexp(student, student_scale, cdt, group)
+        t_stats = _row_logsumexp(teacher, teacher_scale, cdt, group)
+        sums = torch.zeros(s_stats[0].shape[0], 2, dtype=cdt, device=student.device)
+        for rows, z_s, z_t in _paired_row_chunks(student, teacher):
+            q, log_q = _chunk_log_probs(z_s, student_scale, s_stats, rows, cdt)
+            p, log_p = _chunk_log_probs(z_t, teacher_scale, t_stats, rows, cdt)
+            log_m = log_mixture(log_p, log_q, kind, lam)
+            sums[rows, 0] = pointwise_terms(p, log_p, q, log_q, kind, lam, log_m).sum(dim=1)
+            sums[rows, 1] = pointwise_grad(p, log_p, q, log_q, kind, lam, log_m).sum(dim=1)
+        sums = all_reduce(sums, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(student, teacher, *s_stats, *t_stats, sums[:, 1].contiguous())
+        ctx.params = (kind, lam, student_scale, teacher_scale, cdt)
+        return sums[:, 0].reshape(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        student, teacher, s_shift, s_sum, t_shift, t_sum, g_sum = ctx.saved_tensors
+        kind, lam, student_scale, teacher_scale, cdt = ctx.params
+        coef = grad_out.reshape(-1).to(cdt) * student_scale
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        grad_rows = grad.view(-1, student.shape[-1])
+        for rows, z_s, z_t in _paired_row_chunks(student, teacher):
+            q, log_q = _chunk_log_probs(z_s, student_scale, (s_shift, s_sum), rows, cdt)
+            p, log_p = _chunk_log_probs(z_t, teacher_scale, (t_shift, t_sum), rows, cdt)
+            g = pointwise_grad(p, log_p, q, log_q, kind, lam)
+            g.addcmul_(q, g_sum[rows].unsqueeze(1), value=-1.0).mul_(coef[rows].unsqueeze(1))
+            grad_rows[rows] = g
+        return grad, None, None, None, None, None, None
+
+
+def full_vocab_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: KDDivergence = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    student_scale: float = 1.0,
+    teacher_scale: float = 1.0,
+    token_weights: Tensor | None = None,
+    group: ProcessGroup | None = None,
+) -> Tensor:
+    r"""Per-token divergence between the teacher's and the student's full-vocabulary softmax.
+
+    .. math::
+        p = \mathrm{softmax}(s_t\,t), \qquad q = \mathrm{softmax}(s_s\,z)
+
+    over the whole vocabulary, with the divergences of `topk_kd_loss`: ``"forward_kl"``
+    :math:`\mathrm{KL}(p \| q)`, ``"reverse_kl"`` :math:`\mathrm{KL}(q \| p)`, ``"jsd"``
+    :math:`\beta\,\mathrm{KL}(p \| m) + (1-\beta)\,\mathrm{KL}(q \| m)` with
+    :math:`m = \beta p + (1-\beta) q` (GKD, Agarwal et al., 2024,
+    https://arxiv.org/abs/2306.13649, eq. 1, and TRL's ``generalized_jsd_loss``: β = 0 is the
+    forward KL, β = 1 the reverse KL, exactly), ``"skew_forward_kl"``
+    :math:`\mathrm{KL}(p \| \alpha p + (1-\alpha) q)` and ``"skew_reverse_kl"``
+    :math:`\mathrm{KL}(q \| (1-\alpha) p + \alpha q)` (DistiLLM, Ko et al., 2024,
+    https://arxiv.org/abs/2402.03898). The mixture is formed in probability space
+    (log-add-exp of the log-probabilities plus :math:`\log\beta`, :math:`\log(1-\beta)`) in
+    float32 (float64 for float64 logits), and every result is clamped at 0.
+
+    This is the loss of on-policy distillation (GKD): the student's own samples scored by an
+    online teacher whose logits are at hand. Memory: nothing ``[..., V]`` is kept for backward
+    beyond the two logits tensors themselves (both softmaxes are recomputed a chunk of rows at a
+    time); peak extra memory is the ``[..., V]`` student gradient plus a chunk.
+
+    Vocabulary parallelism: with ``group``, both logits tensors are this rank's slice of the
+    same vocabulary range (teacher and student sharded alike, e.g. on the same tensor-parallel
+    ranks); values and gradients equal the unsharded call.
+
+    Args:
+        student_logits: ``[..., V]`` (or ``[..., V_local]``) student logits, any float dtype.
+        teacher_logits: Teacher logits of the same shape (treated as constants: no gradient).
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``, ``"skew_forward_kl"`` or
+            ``"skew_reverse_kl"``.
+        beta: β of ``"jsd"``, in [0, 1] (the teacher's weight in the mixture).
+        skew: α of the skewed KLs, in [0, 1).
+        student_scale: :math:`s_s > 0`, multiplies the student logits (an inverse temperature).
+        teacher_scale: :math:`s_t > 0`, multiplies the teacher logits.
+        token_weights: ``[...]`` per-token weights multiplying the per-token divergence.
+        group: process group the vocabulary is sharded over, or None.
+
+    Returns:
+        ``[...]`` per-token loss in float32 (float64 when either input is float64), times
+        ``token_weights`` when given. Mask padding positions and reduce yourself.
+
+    Raises:
+        ValueError: on mismatched shapes, non-positive scales, an unknown divergence, or β / α
+            out of range.
+    """
+    kind, lam = resolve_divergence(divergence, beta, skew)
+    if not (student_scale > 0 and teacher_scale > 0):
+        raise ValueError("student_scale and teacher_scale must be positive")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
+        raise ValueError("the logits need a non-empty vocabulary dimension")
+    _check_weights(token_weights, student_logits.shape[:-1])
+    loss = _FullVocabDivergence.apply(
+        student_logits, teacher_logits.detach(), kind, lam, student_scale, teacher_scale, group
+    )
+    return _weighted(loss.clamp(min=0.0), token_weights)

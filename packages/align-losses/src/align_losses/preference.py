@@ -1,5 +1,9 @@
 r"""Pairwise preference losses: DPO (and cDPO), IPO, reward-aware RPO and SPIN.
 
+The other DPO-family variants live in :mod:`align_losses.preference_variants` (f-DPO in
+:mod:`align_losses.fdpo`), the reference-free objectives in :mod:`align_losses.reference_free`, and
+:func:`align_losses.preference_loss` selects and combines any of them by name.
+
 All functions take per-sequence log-probabilities (see :func:`align_losses.sequence_logps`) of the
 policy and of the frozen reference for the chosen and the rejected response of each pair, and
 return per-pair losses without any reduction. With
@@ -126,8 +130,15 @@ def ipo_loss(
 
     Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", https://arxiv.org/abs/2310.12036 (β plays the role of the paper's τ). At
-    Δ = 0 the loss is 1/(4β²). Use ``sequence_logps(..., average=True)`` for the paper's
-    length-normalised log-probs.
+    Δ = 0 the loss is 1/(4β²).
+
+    Length convention: this function does not normalise; Δ is formed from exactly the log-probs
+    it is given. The convention this package documents and tests for IPO is the token mean,
+    ``sequence_logps(..., average=True)`` of policy and reference (TRL's ``loss_type="ipo"``
+    averages the same way): the target margin 1/(2β) is then per token, independent of response
+    length, and the loss is unchanged by padding (ignored labels count in neither the sum nor
+    the token count). Summed log-probs (NeMo-Aligner's default,
+    ``preference_average_log_probs=False``) make the same margin a per-sequence one.
 
     Args:
         policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
