@@ -202,7 +202,7 @@ def test_dpo_model_batch_layout_follows_collate():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"preference_loss": "simpo"}, "preference_loss"),
+        ({"preference_loss": "not_a_loss"}, "preference_loss"),
         ({"label_smoothing": 0.1, "preference_loss": "ipo"}, "label_smoothing"),
         ({"preference_loss_weight": 0.0, "sft_loss_weight": 0.0}, "both 0"),
         ({"ref_policy_kl_penalty": 0.0}, "kl_penalty"),

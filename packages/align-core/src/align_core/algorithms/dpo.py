@@ -1,9 +1,11 @@
-"""DPO family (DPO, cDPO, IPO, reward-aware RPO) with an optional SFT term.
+"""The DPO family: every pairwise preference objective of `align_losses`, plus an SFT term.
 
 One module of the common algorithm shape: `DPOConfig`, `dpo_micro_batch` (how a micro-batch of
 pairs becomes a model batch), and `DPOStep` (global-batch normaliser, loss function, metrics).
-The loss math lives in `align_losses` only; this module picks the function, feeds it per-sequence
-log-probs and reduces the per-pair losses over the global batch:
+The loss math lives in `align_losses` only (`align_losses.preference_loss`: DPO/cDPO, IPO, RPO,
+the DPO variants, f-DPO, the reference-free SimPO/AlphaPO/CPO/ORPO, and weighted combinations of
+them); this module feeds it per-sequence log-probs and token counts and reduces the per-pair
+losses over the global batch:
 
     loss = Σ_pairs [w_pref · ℓ_pref + w_sft · ℓ_sft] / (pairs in the global batch)
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,7 +46,20 @@ from align_data.tokenize import PreferenceExample
 
 __all__ = ["DPOConfig", "DPOStep", "PreferenceLoss", "dpo_loss_and_metrics", "dpo_model_batch"]
 
-PreferenceLoss = Literal["dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"]
+PreferenceLoss = str
+"""A name of `align_losses.PREFERENCE_LOSSES` (``dpo``, ``ipo``, ``rpo_bwd_kl``, ``hinge``,
+``simpo``, ...)."""
+
+_SETTINGS = (
+    "gamma",
+    "alpha",
+    "nll_weight",
+    "odds_ratio_weight",
+    "divergence_alpha",
+    "discopop_tau",
+)
+"""`DPOConfig` fields passed to the losses under their own name when set (None: the loss's own
+default, so each default has one home: its loss function)."""
 
 
 @dataclass
@@ -53,10 +67,16 @@ class DPOConfig:
     """``model.dpo``: NeMo-Aligner's names and defaults, plus cDPO label smoothing.
 
     Attributes:
-        ref_policy_kl_penalty: β, the strength of the implicit KL penalty.
-        preference_loss: Which preference loss (``dpo``, ``ipo``, ``rpo_sq``, ``rpo_bwd_kl``,
-            ``rpo_fwd_kl``).
-        label_smoothing: cDPO's ε (only for ``dpo``); 0 is plain DPO.
+        ref_policy_kl_penalty: β, the strength of the implicit KL penalty (the β of every
+            objective, reference-free ones included).
+        preference_loss: Which preference objective (a name of `align_losses.PREFERENCE_LOSSES`:
+            ``dpo``, ``ipo``, ``rpo_sq``/``rpo_bwd_kl``/``rpo_fwd_kl``, ``hinge``, ``robust``,
+            ``simpo``, ``orpo``, ...), or a list of names combined with
+            ``preference_loss_weights`` (as MPO does). Reference-free objectives (``simpo``,
+            ``alphapo``, ``cpo``, ``orpo``, ``sft``) need no reference pass.
+        preference_loss_weights: One weight per name of a combination (None: 1 each).
+        label_smoothing: ε of the objectives that take it (cDPO for ``dpo``, robust DPO, EXO,
+            ...); 0 is the plain objective.
         preference_loss_weight: Weight of the preference term.
         sft_loss_weight: Weight of the SFT (chosen NLL) term; 0 turns it off.
         preference_average_log_probs: Average response log-probs over tokens instead of summing.
@@ -66,10 +86,21 @@ class DPOConfig:
         log_prob_forward_micro_batch_size: Pairs per reference forward micro-batch; None uses
             the training micro-batch size (the same micro-batches as the policy forward, so the
             reference and policy log-probs at step 0 are bitwise equal).
+        gamma: SimPO/AlphaPO target margin γ (None: the loss's default).
+        alpha: AlphaPO's α (None: the loss's default).
+        nll_weight: CPO's NLL weight λ (None: the loss's default).
+        odds_ratio_weight: ORPO's odds-ratio weight λ (None: the loss's default).
+        divergence_alpha: α of the f-DPO ``alpha_divergence`` (None: the loss's default).
+        discopop_tau: DiscoPOP's τ (None: the loss's default).
+        ld_alpha: LD-DPO's α in [0, 1]: the policy log-prob of the longer response of a pair
+            counts its tokens past the shorter one's length times α (None: off; 1 is DPO).
+        wpo: Weight each pair's loss by WPO's off-policy weight (the product of the two
+            responses' length-normalised probabilities under the current policy, detached).
     """
 
     ref_policy_kl_penalty: float = 0.2
-    preference_loss: PreferenceLoss = "dpo"
+    preference_loss: str | tuple[str, ...] = "dpo"
+    preference_loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
@@ -77,22 +108,53 @@ class DPOConfig:
     sft_average_log_probs: bool | None = None
     gt_reward_scale: float = 1.0
     log_prob_forward_micro_batch_size: int | None = None
+    gamma: float | None = None
+    alpha: float | None = None
+    nll_weight: float | None = None
+    odds_ratio_weight: float | None = None
+    divergence_alpha: float | None = None
+    discopop_tau: float | None = None
+    ld_alpha: float | None = None
+    wpo: bool = False
 
     def __post_init__(self) -> None:
-        if self.preference_loss not in ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"):
+        from align_losses import preference_loss_parameters
+
+        if not isinstance(self.preference_loss, str):
+            self.preference_loss = tuple(self.preference_loss)
+        if self.preference_loss_weights is not None:
+            self.preference_loss_weights = tuple(float(w) for w in self.preference_loss_weights)
+            if len(self.preference_loss_weights) != len(self.losses):
+                raise ValueError(
+                    f"model.dpo.preference_loss_weights: {len(self.preference_loss_weights)} "
+                    f"weights for {len(self.losses)} preference losses {list(self.losses)}"
+                )
+        try:
+            accepted = preference_loss_parameters(self.losses)
+        except ValueError as exc:
             raise ValueError(
-                f"model.dpo.preference_loss: {self.preference_loss!r} is not one of dpo, ipo, "
-                "rpo_sq, rpo_bwd_kl, rpo_fwd_kl"
+                f"model.dpo.preference_loss: {exc}{_suggestion(self.losses)}"
+            ) from None
+        if "bco_pair" in self.losses:
+            raise ValueError(
+                "model.dpo.preference_loss: bco_pair keeps a running mean of the rewards across "
+                "steps, which the trainer does not carry or checkpoint; use "
+                "align_losses.bco_pair_loss in your own loop"
             )
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight are both 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"model.dpo.label_smoothing: {self.label_smoothing} not in [0, 0.5)")
-        if self.label_smoothing and self.preference_loss != "dpo":
+        given = {k for k in _SETTINGS if getattr(self, k) is not None}
+        if self.label_smoothing:
+            given.add("label_smoothing")
+        for key in sorted(given - accepted):
             raise ValueError(
-                "model.dpo.label_smoothing applies to preference_loss=dpo only, "
-                f"not {self.preference_loss!r}"
+                f"model.dpo.{key} applies to none of the preference losses "
+                f"{list(self.losses)} (theirs: {', '.join(sorted(accepted)) or 'none'})"
             )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"model.dpo.ld_alpha: {self.ld_alpha} not in [0, 1]")
         if self.ref_policy_kl_penalty <= 0:
             raise ValueError("model.dpo.ref_policy_kl_penalty must be > 0")
         if self.log_prob_forward_micro_batch_size is not None and (
@@ -101,11 +163,55 @@ class DPOConfig:
             raise ValueError("model.dpo.log_prob_forward_micro_batch_size must be >= 1")
 
     @property
+    def losses(self) -> tuple[str, ...]:
+        """The selected objective names (one, or those of a combination)."""
+        if isinstance(self.preference_loss, str):
+            return (self.preference_loss,)
+        return tuple(self.preference_loss)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any selected objective uses reference log-probs (a reference pass)."""
+        from align_losses import needs_reference
+
+        return needs_reference(self.losses)
+
+    def loss_settings(self) -> dict[str, float]:
+        """The hyperparameters to pass `align_losses.preference_loss`.
+
+        Only those its objectives take; unset ones keep the loss's own default.
+        """
+        from align_losses import preference_loss_parameters
+
+        values: dict[str, float] = {
+            "beta": self.ref_policy_kl_penalty,
+            "label_smoothing": self.label_smoothing,
+            "gt_reward_scale": self.gt_reward_scale,
+        }
+        values.update({k: v for k in _SETTINGS if (v := getattr(self, k)) is not None})
+        accepted = preference_loss_parameters(self.losses)
+        return {k: v for k, v in values.items() if k in accepted}
+
+    @property
     def sft_average(self) -> bool:
         """Whether the SFT term averages over tokens (``sft_average_log_probs`` resolved)."""
         if self.sft_average_log_probs is None:
             return self.preference_average_log_probs
         return self.sft_average_log_probs
+
+
+def _suggestion(names: Sequence[str]) -> str:
+    """``; did you mean 'ipo'?`` for the first unknown name close to a known one."""
+    import difflib
+
+    from align_losses import PREFERENCE_LOSSES
+
+    for name in names:
+        if name not in PREFERENCE_LOSSES:
+            match = difflib.get_close_matches(name, list(PREFERENCE_LOSSES), n=1)
+            if match:
+                return f"; did you mean {match[0]!r}?"
+    return ""
 
 
 def dpo_model_batch(batch: PreferenceBatch) -> ModelBatch:
@@ -117,24 +223,48 @@ def dpo_model_batch(batch: PreferenceBatch) -> ModelBatch:
     return out
 
 
-def _preference_output(cfg: DPOConfig, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, batch):
-    from align_losses import dpo_loss, ipo_loss, rpo_loss
+def _policy_logps(
+    cfg: DPOConfig, token_logps: Tensor, batch: Mapping[str, Tensor], counts: Tensor
+) -> Tensor:
+    """Per-sequence policy log-prob sums (LD-DPO: the longer response's excess scaled by α)."""
+    n = counts.numel()
+    if cfg.ld_alpha is None:
+        return segment_sums(upcast(token_logps), batch["segment_ids"], n)
+    from align_losses import ld_logps, split_at_shared_length
 
-    beta = cfg.ref_policy_kl_penalty
-    if cfg.preference_loss == "dpo":
-        return dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=cfg.label_smoothing)
-    if cfg.preference_loss == "ipo":
-        return ipo_loss(pc, pr, rc, rr, beta=beta)
-    return rpo_loss(
-        pc,
-        pr,
-        rc,
-        rr,
-        batch["chosen_gt_rewards"],
-        batch["rejected_gt_rewards"],
-        beta=beta,
-        gt_reward_scale=cfg.gt_reward_scale,
-        divergence=cfg.preference_loss.removeprefix("rpo_"),
+    b = n // 2
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    parts = split_at_shared_length(upcast(token_logps), batch["segment_ids"], shared)
+    return ld_logps(*parts, ld_alpha=cfg.ld_alpha)
+
+
+def _preference_output(
+    cfg: DPOConfig, policy: Tensor, ref: Tensor | None, lengths: Tensor, batch, b: int
+):
+    """The selected objective(s) over the pairs of one micro-batch."""
+    from align_losses import preference_loss, wpo_weights
+
+    inputs = {
+        "policy_chosen_logps": policy[:b],
+        "policy_rejected_logps": policy[b:],
+        "chosen_lengths": lengths[:b],
+        "rejected_lengths": lengths[b:],
+    }
+    for key in ("chosen_gt_rewards", "rejected_gt_rewards"):  # RPO's ground-truth rewards
+        if key in batch:
+            inputs[key] = batch[key]
+    if ref is not None:
+        inputs.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
+    pair_weights = None
+    if cfg.wpo:
+        pair_weights = wpo_weights(policy[:b], policy[b:], lengths[:b], lengths[b:])
+    name = cfg.preference_loss if isinstance(cfg.preference_loss, str) else list(cfg.losses)
+    return preference_loss(
+        name,
+        weights=cfg.preference_loss_weights,
+        pair_weights=pair_weights,
+        **inputs,
+        **cfg.loss_settings(),
     )
 
 
@@ -158,13 +288,17 @@ def dpo_loss_and_metrics(
     counts = batch["seq_token_counts"]
     n = counts.numel()
     b = n // 2
-    policy = segment_sums(upcast(token_logps), batch["segment_ids"], n)
-    ref = batch["ref_logps"].to(policy.dtype)
+    policy = _policy_logps(cfg, token_logps, batch, counts)
+    ref = batch["ref_logps"].to(policy.dtype) if cfg.needs_reference else None
     denom = counts.to(policy.dtype).clamp(min=1.0)
-    pol_p, ref_p = (
-        (policy / denom, ref / denom) if cfg.preference_average_log_probs else (policy, ref)
-    )
-    out = _preference_output(cfg, pol_p[:b], pol_p[b:], ref_p[:b], ref_p[b:], batch)
+    if cfg.preference_average_log_probs:
+        # Averaged log-probs are per token already: length-normalising losses get lengths 1.
+        pol_p = policy / denom
+        ref_p = None if ref is None else ref / denom
+        lengths = torch.ones_like(denom)
+    else:
+        pol_p, ref_p, lengths = policy, ref, denom
+    out = _preference_output(cfg, pol_p, ref_p, lengths, batch, b)
     per_pair = cfg.preference_loss_weight * out.losses
     sft = -(policy[:b] / denom[:b] if cfg.sft_average else policy[:b])
     if cfg.sft_loss_weight:
@@ -189,14 +323,17 @@ class DPOStep:
     Attributes:
         config: DPO settings.
         name: ``"dpo"``.
-        needs_reference: True.
         ref_shape: 2 (chosen and rejected reference log-prob sums per pair).
     """
 
     config: DPOConfig
     name: str = "dpo"
-    needs_reference: bool = True
     ref_shape: int = 2
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the selected objective(s) use reference log-probs (False: SimPO, ORPO...)."""
+        return self.config.needs_reference
 
     def build_micro_batch(
         self, examples: Sequence[PreferenceExample], collate: CollateConfig

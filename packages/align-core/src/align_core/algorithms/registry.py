@@ -44,6 +44,10 @@ def _never(_config: Any) -> bool:
     return False
 
 
+def _from_config(config: Any) -> bool:
+    return bool(config.needs_reference)
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """What the toolkit knows about one algorithm (one ``align run`` command).
@@ -173,7 +177,7 @@ def _dpo_family(
         sequences_per_example=2,
         pack_factor=2,
         reference_unit=1,
-        needs_reference=_always,
+        needs_reference=_from_config,
         section="dpo",
         help=help,
         preset=MappingProxyType(dict(preset)),
