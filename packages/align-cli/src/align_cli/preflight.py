@@ -300,6 +300,8 @@ def _reference_row(algorithm: str, run: Any, reference: str, source: Any) -> tup
         return "teacher", _teacher_line(run, int(source.tokenizer.vocab_size))
     if algorithm == "sft":
         return "reference", "none"
+    if reference == "none":
+        return "reference", "none (the objective needs no reference)"
     return "reference", f"{run.reference.strategy} -> {reference}"
 
 

@@ -74,21 +74,22 @@ def algorithm_of(command: str) -> str:
 
 
 def check_variant(command: str, value: Any) -> None:
-    """Refuse a value of a preset command's key that contradicts the command.
+    """Refuse a value of a preset command's variant key that contradicts the command.
 
-    A preset command (`AlgorithmSpec.is_preset`) sets one key of its base algorithm (``align
-    run ipo``: ``model.dpo.preference_loss=ipo``) and accepts the values in its registry entry's
-    ``preset_accepts`` (``rpo``: the three ``rpo_*`` losses); other commands accept anything.
+    A preset command (`AlgorithmSpec.is_preset`) is its base algorithm with one key fixed, its
+    `AlgorithmSpec.variant_key` (``align run ipo``: ``model.dpo.preference_loss=ipo``); it
+    accepts the values in its registry entry's ``preset_accepts`` (``rpo``: the three ``rpo_*``
+    losses). Other commands accept anything.
 
     Raises:
         ConfigError: ``value`` is not one the command accepts; names the key and the command
             to use instead.
     """
     spec = REGISTRY[command]
-    if not spec.is_preset:
+    name = spec.variant_key
+    if name is None:
         return
-    ((name, preset),) = spec.preset.items()
-    accepted = spec.preset_accepts or (preset,)
+    accepted = spec.preset_accepts or (spec.preset[name],)
     if value in accepted:
         return
     key = f"model.{spec.section}.{name}"

@@ -75,9 +75,10 @@ class AlgorithmSpec:
         per_epoch_reference: The reference log-probs change per epoch (KTO's KL samples are
             re-drawn), so a precomputed cache holds one row per example per epoch.
         section: The ``trainer.<section>`` / ``model.<section>`` name.
-        preset: The one field of ``config_class`` this command sets, with its value (its
-            preset); empty for a base algorithm.
-        preset_accepts: The values of the preset's field the command accepts when the user
+        preset: Values of ``config_class`` fields this command sets (its preset); empty for a
+            base algorithm. The first field names the variant (`variant_key`); the others are
+            defaults the user may change.
+        preset_accepts: The values of the variant field the command accepts when the user
             sets it (empty: only the preset's value).
         help: The one-line help of ``align run <name>``.
         min_micro_batch_size: The smallest ``model.micro_batch_size`` its loss works with.
@@ -113,6 +114,11 @@ class AlgorithmSpec:
     def is_preset(self) -> bool:
         """Whether this command is a preset of another algorithm (``ipo``, ``rpo``)."""
         return self.name != self.base
+
+    @property
+    def variant_key(self) -> str | None:
+        """The field that makes this command what it is (the preset's first), or None."""
+        return next(iter(self.preset), None)
 
     @property
     def shared_loop(self) -> bool:
