@@ -131,6 +131,18 @@ def test_dry_run_of_the_demo_prints_the_plan() -> None:
     assert "nothing was trained" in result.output
 
 
+@pytest.mark.parametrize("command", ["simpo", "orpo"])
+def test_reference_free_commands_plan_no_reference(command: str) -> None:
+    result = invoke("run", command, "--dry-run", "trainer.dpo.max_steps=5")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "reference │ none (the objective needs no reference)" in text
+    assert "reference (device) │ 0.0 MiB" in text and "reference (host, pinned) │ 0.0 MiB" in text
+    contradicting = invoke("run", command, "--dry-run", "model.dpo.preference_loss=dpo")
+    assert contradicting.exit_code == 2
+    assert f"contradicts `align run {command}`" in contradicting.output
+
+
 def test_dry_run_layout_and_batch_checks(synthetic) -> None:
     data = f"model.data.data_prefix={synthetic.preference_train}"
     result = invoke(

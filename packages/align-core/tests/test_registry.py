@@ -21,7 +21,18 @@ from align_core.trainer.build import build_algorithm, needs_reference, reference
 
 
 def test_every_name_round_trips() -> None:
-    assert list(REGISTRY) == ["dpo", "ipo", "rpo", "kto", "sft", "spin", "kd"]
+    assert list(REGISTRY) == [
+        "dpo",
+        "ipo",
+        "rpo",
+        "simpo",
+        "cpo",
+        "orpo",
+        "kto",
+        "sft",
+        "spin",
+        "kd",
+    ]
     for name, spec in REGISTRY.items():
         assert isinstance(spec, AlgorithmSpec)
         assert get_algorithm(name) is spec
@@ -32,9 +43,9 @@ def test_every_name_round_trips() -> None:
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown algorithm 'simpo'") as info:
-        get_algorithm("simpo")
-    assert "dpo, ipo, rpo, kto, sft, spin, kd" in str(info.value)
+    with pytest.raises(ValueError, match="unknown algorithm 'slic'") as info:
+        get_algorithm("slic")
+    assert "dpo, ipo, rpo, simpo, cpo, orpo, kto, sft, spin, kd" in str(info.value)
 
 
 def test_the_dpo_family_is_presets_of_the_dpo_step() -> None:
@@ -70,7 +81,16 @@ def test_needs_reference_is_computed_from_the_config(
 
 
 def test_shared_loop_facts() -> None:
-    assert [n for n, s in REGISTRY.items() if s.shared_loop] == ["dpo", "ipo", "rpo", "kto", "sft"]
+    assert [n for n, s in REGISTRY.items() if s.shared_loop] == [
+        "dpo",
+        "ipo",
+        "rpo",
+        "simpo",
+        "cpo",
+        "orpo",
+        "kto",
+        "sft",
+    ]
     assert get_algorithm("kto").pack_factor is None
     assert get_algorithm("dpo").pack_factor == 2 and get_algorithm("sft").pack_factor == 1
     assert get_algorithm("kto").synthetic_splits == ("unpaired_train", "unpaired_eval")
@@ -94,3 +114,13 @@ def test_the_contract_is_public() -> None:
     assert _common.AlgorithmStep is contract.AlgorithmStep
     assert _common.ModelBatch is contract.ModelBatch
     assert "AlgorithmStep" in contract.__all__
+
+
+@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo"])
+def test_reference_free_commands_are_dpo_presets_without_a_reference(name: str) -> None:
+    spec = get_algorithm(name)
+    assert spec.base == "dpo" and spec.variant_key == "preference_loss"
+    config = dataclasses.replace(DPOConfig(), **spec.preset)
+    assert config.preference_loss == name
+    assert spec.needs_reference(config) is False
+    assert spec.build_step(config).needs_reference is False

@@ -207,6 +207,25 @@ _SPECS = (
         {"preference_loss": "rpo_bwd_kl"},
         ("rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl"),
     ),
+    # Reference-free objectives: the DPO step with no reference pass and no reference memory.
+    _dpo_family(
+        "simpo",
+        "SimPO: reference-free, length-normalised margin (model.dpo.preference_loss=simpo; "
+        "β=model.dpo.ref_policy_kl_penalty, target margin model.dpo.gamma).",
+        {"preference_loss": "simpo", "ref_policy_kl_penalty": 2.0},
+    ),
+    _dpo_family(
+        "cpo",
+        "CPO: reference-free preference loss plus NLL (model.dpo.preference_loss=cpo; "
+        "model.dpo.nll_weight).",
+        {"preference_loss": "cpo", "ref_policy_kl_penalty": 0.1},
+    ),
+    _dpo_family(
+        "orpo",
+        "ORPO: NLL plus odds-ratio preference term, no reference (model.dpo.preference_loss=orpo; "
+        "model.dpo.odds_ratio_weight).",
+        {"preference_loss": "orpo"},
+    ),
     AlgorithmSpec(
         name="kto",
         base="kto",
