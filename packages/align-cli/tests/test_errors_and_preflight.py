@@ -187,6 +187,19 @@ def test_the_workers_batch_error_gets_the_hint_too() -> None:
     assert with_batch_hint(other, run, world_size=4) is other
 
 
+def _intact_checkpoint(path: Path) -> None:
+    """A small checkpoint whose files are all there (resume verifies them before planning)."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
+    torch.save({"common": {}}, path / "common.pt")
+    (path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+
+
 def test_resume_names_the_run_and_step(tmp_path: Path) -> None:
     from align_cli.commands.run import RunOptions, prepare, write_run_dir
 
@@ -195,7 +208,7 @@ def test_resume_names_the_run_and_step(tmp_path: Path) -> None:
         options = RunOptions("dpo", overrides=(f"exp_manager.explicit_log_dir={run_dir}",))
         write_run_dir(run_dir, prepare(options).composed, "dpo")
         if step is not None:
-            (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+            _intact_checkpoint(run_dir / "checkpoints" / f"step_{step:06d}")
             (run_dir / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
         return run_dir
 

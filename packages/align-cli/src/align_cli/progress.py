@@ -43,6 +43,7 @@ _STOP_WORDS = {
     "completed": "completed",
     "max_time": "stopped at the wall-clock limit (trainer.<algo>.max_time)",
     "sigterm": "stopped by SIGTERM (checkpoint saved)",
+    "sigint": "stopped by Ctrl-C (checkpoint saved)",
     "nonfinite": "stopped on a non-finite loss or gradient",
 }
 

@@ -9,6 +9,8 @@ Layout of a run directory::
     tb/              TensorBoard events (when tensorboard is installed)
     plots/           PNG charts (``align plot RUN_DIR`` rewrites them)
     checkpoints/ ... written by align-core's trainer (and final.nemo)
+    .lock            flock'ed by the process running the run, which it names (a second run
+                     into the directory is refused: `align_core.run_lock.RunDirLock`)
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EXIT_CODES", "main", "make_sinks", "quiet_library_warnings", "run_worker", "train"]
 
-EXIT_CODES = {"completed": 0, "max_time": 0, "sigterm": 143, "nonfinite": 1}
+EXIT_CODES = {"completed": 0, "max_time": 0, "sigterm": 143, "sigint": 130, "nonfinite": 1}
 """Exit status by `align_core.trainer.RunResult.stop_reason`."""
 
 

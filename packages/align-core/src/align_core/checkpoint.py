@@ -24,11 +24,24 @@ like the policy's), the trainer's counters and an arbitrary extra state (the dat
 position; both identical on all ranks, stored once), and every process's RNG states (restored
 only when the world size is unchanged, since they are per rank). The learning-rate schedule is a
 pure function of the step (`align_core.optim.learning_rate`), so the step counter is its state.
+
+Before loading, the checkpoint's files are checked against its metadata
+(`align_core.checkpoint_checks`): the newest intact step is loaded, the damaged ones newer than
+it are named in `LoadedCheckpoint.skipped`; and the architecture and LoRA adapters recorded in
+it are compared with the model's, so a changed ``num_layers`` is one error naming both values.
+A full disk during a save is a `align_core.disk_full.DiskFullError` (the previous checkpoint
+stays intact).
+
+(Over 600 lines: saving, finding and loading share the directory layout and the sharded-state
+template, and belong to one class; the checks and the disk-full handling live in
+`align_core.checkpoint_checks` and `align_core.disk_full`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import re
@@ -41,8 +54,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from align_core.checkpoint_checks import (
+    CheckpointSummary,
+    DamagedCheckpointError,
+    check_checkpoint_files,
+    check_resume_model,
+    module_summary,
+)
+from align_core.disk_full import DiskFullError, dir_bytes, disk_full_guard, tensor_bytes
 from align_core.model import unwrap_model
 from align_core.rng import capture_rng_state, restore_rng_state
+from align_core.run_lock import exclusive_lock
 from align_core.safe_load import verify_distributed_checkpoint
 
 __all__ = ["Checkpointer", "LoadedCheckpoint", "check_resume"]
@@ -50,6 +72,7 @@ __all__ = ["Checkpointer", "LoadedCheckpoint", "check_resume"]
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+_LORA_MARK = "_lora."
 
 # Test hook: called on rank 0 after every rank has written `tmp.step_N` and before it is
 # published (renamed). The kill-mid-save tests set it to `os._exit`.
@@ -92,6 +115,7 @@ class LoadedCheckpoint:
         extra_state: The caller's extra state as saved.
         rng_restored: Whether RNG states were restored (same world size and asked for).
         optimizer_restored: Whether optimizer state was restored.
+        skipped: One line per newer checkpoint passed over as damaged (``step_000006: ...``).
     """
 
     step: int
@@ -100,6 +124,7 @@ class LoadedCheckpoint:
     extra_state: dict[str, Any]
     rng_restored: bool
     optimizer_restored: bool
+    skipped: tuple[str, ...] = ()
 
 
 def _layout() -> dict[str, int]:
@@ -179,6 +204,32 @@ def _in_process_write_results() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+@contextlib.contextmanager
+def _quiet_writer_log() -> Any:
+    """Silence the writer's own report of a failed write: the error raised says it all."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = logger.level
+    if os.environ.get("ALIGN_DEBUG") != "1":
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _failures_everywhere(failure: BaseException | None) -> list[str]:
+    """Every rank's failure message (empty when no rank failed); collective."""
+    flag = torch.tensor([0.0 if failure is None else 1.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return []
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if failure is None else str(failure))
+    return [m for m in messages if m is not None]
+
+
 def _rebind(template: dict[str, Any], prefix: str, state: Mapping[str, torch.Tensor]) -> dict:
     """The policy's sharded state dict with each tensor replaced by ``state``'s (same key)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -241,6 +292,36 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def newest_intact(self) -> tuple[int | None, list[str]]:
+        """The checkpoint to resume from, passing over damaged ones; and what was passed over.
+
+        Tries `latest_step`, then every older complete step, newest first, and returns the
+        first whose files its metadata fully accounts for (`check_checkpoint_files`).
+
+        Returns:
+            The step (None when the directory holds no checkpoint) and one line per damaged
+            checkpoint passed over (``step_000006: __0_0.distcp is truncated (...)``).
+
+        Raises:
+            DamagedCheckpointError: Checkpoints exist but none is intact (each one named).
+            UnsafeCheckpointError: A checkpoint's metadata holds a disallowed pickle.
+        """
+        latest = self.latest_step()
+        if latest is None:
+            return None, []
+        order = [latest, *(s for s in reversed(self.steps()) if s != latest)]
+        skipped = []
+        for step in order:
+            try:
+                check_checkpoint_files(self.path(step))
+            except DamagedCheckpointError as exc:
+                skipped.append(f"{self.path(step).name}: {exc}")
+                continue
+            return step, skipped
+        raise DamagedCheckpointError(
+            f"no intact checkpoint to resume from in {self.directory}: {'; '.join(skipped)}"
+        )
+
     # ------------------------------------------------------------------ saving
     def _sharded_state(
         self,
@@ -297,16 +378,90 @@ class Checkpointer:
 
         Returns:
             The published checkpoint directory.
+
+        Raises:
+            DiskFullError: A rank ran out of space; the partial save was removed and the
+                previous checkpoint is intact.
         """
+        _in_process_write_results()
+        with contextlib.ExitStack() as lock:
+            if dist.get_rank() == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                # Held from the removal of stale `tmp.*` to the publication, so that another
+                # process's save in progress is never removed.
+                held = lock.enter_context(exclusive_lock(self.directory, blocking=True))
+                self._remove_stale(step, every=held is not None)
+            return self._save_locked(
+                step,
+                model,
+                optimizer,
+                trainer_state=trainer_state,
+                extra_state=extra_state,
+                extra_models=dict(extra_models or {}),
+            )
+
+    def _remove_stale(self, step: int, *, every: bool) -> None:
+        """Delete what killed saves left (rank 0, under the save lock).
+
+        Every ``tmp.*`` when the lock is held (no other save can be in progress), only this
+        step's own when the filesystem has no locks.
+        """
+        stale = self.directory.glob("tmp.*step_*") if every else [self._tmp(step)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _tmp(self, step: int) -> Path:
+        return self.directory / f"tmp.step_{step:06d}"
+
+    def _write(self, step: int, state: dict[str, Any], tmp: Path) -> None:
+        """Write ``state`` into ``tmp`` on every rank; a full disk on any rank fails all."""
         from megatron.core import dist_checkpointing
 
-        _in_process_write_results()
-        extra_models = dict(extra_models or {})
-        tmp = self.directory / f"tmp.step_{step:06d}"
+        previous = self.latest_step()
+        intact = (
+            f"the previous checkpoint {self.path(previous).name} is intact"
+            if previous is not None
+            else "no earlier checkpoint of this run exists"
+        )
+
+        def needed() -> int:
+            if previous is not None and self.path(previous).is_dir():
+                return dir_bytes(self.path(previous))
+            return tensor_bytes(state) * dist.get_world_size()
+
+        failure: BaseException | None = None
+        try:
+            with (
+                disk_full_guard(
+                    f"checkpoint {self.path(step).name}",
+                    self.directory,
+                    intact=intact,
+                    needed=needed,
+                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True),
+                ),
+                _quiet_writer_log(),
+            ):
+                dist_checkpointing.save(state, str(tmp))
+        except DiskFullError as exc:
+            failure = exc
+        messages = _failures_everywhere(failure)
+        if messages:
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(messages[0]) from failure
+
+    def _save_locked(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: Any | None,
+        *,
+        trainer_state: Mapping[str, Any] | None,
+        extra_state: Mapping[str, Any] | None,
+        extra_models: dict[str, ExtraModel],
+    ) -> Path:
+        tmp = self._tmp(step)
         if dist.get_rank() == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob("tmp.*step_*"):
-                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
         if optimizer is not None:
@@ -323,7 +478,7 @@ class Checkpointer:
             "trainer_state": dict(trainer_state or {}),
             "extra_state": dict(extra_state or {}),
         }
-        dist_checkpointing.save(state, str(tmp))
+        self._write(step, state, tmp)
         dist.barrier()
         final = self.path(step)
         if dist.get_rank() == 0:
@@ -364,7 +519,8 @@ class Checkpointer:
             model: This rank's model chunk, in any TP/PP layout.
             optimizer: The optimizer to restore, or None to load weights only (e.g. when
                 converting between layouts the distributed optimizer cannot follow).
-            step: Which checkpoint; default the newest complete one.
+            step: Which checkpoint; default the newest intact one (`newest_intact`: damaged
+                newer ones are passed over and listed in `LoadedCheckpoint.skipped`).
             extra_models: Where to load the named extra weights (modules, or state dicts whose
                 tensors are overwritten in place).
             load_rng: Restore RNG states (only possible at the saved world size).
@@ -374,22 +530,37 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: When ``step`` is given and has no complete checkpoint.
+            DamagedCheckpointError: When ``step`` is given and its files are missing or
+                truncated, or when no checkpoint is intact.
             ValueError: When the optimizer state cannot be loaded into this optimizer or layout,
-                or a file of the checkpoint is damaged.
+                a file of the checkpoint is damaged, or the checkpoint holds another
+                architecture or other LoRA adapters than ``model`` (naming the key and both
+                values).
             UnsafeCheckpointError: When a file of the checkpoint holds a pickle that would run
                 code (`align_core.safe_load`); nothing from it has run.
         """
         from megatron.core import dist_checkpointing
 
+        skipped: list[str] = []
         if step is None:
-            step = self.latest_step()
+            step, skipped = self.newest_intact()
             if step is None:
                 return None
         path = self.path(step)
         if not path.is_dir():
             raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.directory}")
+        try:
+            metadata = check_checkpoint_files(path)
+        except DamagedCheckpointError as exc:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {exc}") from None
         verify_distributed_checkpoint(path)  # runs no pickle from the directory
         common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+        summary, lora = module_summary(model)
+        saved = CheckpointSummary(
+            model=dict(common["extra_state"].get("model") or {}),
+            lora=any(_LORA_MARK in key for key in metadata.state_dict_metadata),
+        )
+        check_resume_model(saved, summary, lora=lora, path=path)
         extra_models = dict(extra_models or {})
         missing = set(extra_models) - set(common["extra_models"])
         if missing:
@@ -426,6 +597,7 @@ class Checkpointer:
             extra_state=common["extra_state"],
             rng_restored=with_rng,
             optimizer_restored=optimizer is not None,
+            skipped=tuple(skipped),
         )
 
     @staticmethod

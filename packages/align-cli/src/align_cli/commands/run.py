@@ -240,8 +240,9 @@ def prepare(options: RunOptions) -> Prepared:
                 )
             run_dir = new_run_dir(exp.exp_dir, exp.name, options.command)
     spec = REGISTRY[options.command]
-    for key in spec.preset:
-        check_variant(options.command, getattr(getattr(composed.tree.model, spec.section), key))
+    if spec.variant_key is not None:
+        section = getattr(composed.tree.model, spec.section)
+        check_variant(options.command, getattr(section, spec.variant_key))
     _set(composed.config, "exp_manager.explicit_log_dir", str(run_dir))
     composed.tree.exp_manager.explicit_log_dir = str(run_dir)
     if not composed.tree.exp_manager.resume_if_exists and resumed and not options.resume:
@@ -295,6 +296,10 @@ def execute(options: RunOptions, console: Console | None = None) -> int:
             f"synthetic task (give --restore MODEL.nemo and {key}=FILE for a real run)",
             highlight=False,
         )
+    if not options.dry_run and world_rank() == 0:
+        from align_core.run_lock import check_run_dir_free
+
+        check_run_dir_free(prepared.run_dir)  # before reading checkpoints another run writes
     if prepared.resumed and world_rank() == 0:
         console.print(_resume_line(prepared.run_dir), highlight=False, soft_wrap=True)
     if options.dry_run:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from align_core.config import ModelConfig, torch_dtype
+from align_core.disk_full import EXPORT_INTACT, DiskFullError, disk_full_guard
 from align_core.hf.checkpoint import CONFIG_FILE, HFCheckpoint
 from align_core.hf.config import hf_config_from_model
 from align_core.hf.errors import HFFormatError
@@ -213,6 +214,7 @@ def write_hf(
         HFFormatError: When the model cannot be written as a supported architecture, or
             differs from the source's ``config.json``.
         ValueError: When the state dict still holds LoRA adapters.
+        DiskFullError: No space left (the staging directory is removed, ``out_dir`` kept).
     """
     from align_core.spec_keys import convert_spec
 
@@ -231,7 +233,30 @@ def write_hf(
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex}"
-    staging.mkdir()
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    guard = disk_full_guard(
+        f"{out.name}/",
+        out.parent,
+        intact=EXPORT_INTACT,
+        needed=lambda: needed,
+        cleanup=lambda: shutil.rmtree(staging, ignore_errors=True),
+    )
+    with guard:
+        staging.mkdir()
+        _write_staged(staging, out, tensors, config, source, tokenizer, max_shard_bytes)
+    return out
+
+
+def _write_staged(
+    staging: Path,
+    out: Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: dict[str, Any],
+    source: HFCheckpoint | None,
+    tokenizer: TokenizerSpec | None,
+    max_shard_bytes: int,
+) -> None:
+    """Fill ``staging`` and move it to ``out``; ``staging`` is removed whatever happens."""
     try:
         _write_weights(staging, tensors, max_shard_bytes)
         _write_json(staging / CONFIG_FILE, config)
@@ -244,7 +269,6 @@ def write_hf(
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def save_hf(
@@ -269,7 +293,7 @@ def save_hf(
     from align_core.nemo.writer import gather_full_state
 
     full = gather_full_state(unwrap_model(model), model_config)
-    error: list[str | None] = [None]
+    error: list[str | None] = [None, None]  # [format error, disk full]
     if full is not None:
         try:
             write_hf(
@@ -281,12 +305,18 @@ def save_hf(
                 dtype=dtype,
                 max_shard_bytes=max_shard_bytes,
             )
+        except DiskFullError as exc:
+            error[1] = str(exc)
+            if not dist.is_initialized():
+                raise
         except (HFFormatError, ValueError, OSError) as exc:
             error[0] = str(exc)
             if not dist.is_initialized():
                 raise
     if dist.is_initialized():
         dist.broadcast_object_list(error, src=0)
+        if error[1] is not None:
+            raise DiskFullError(error[1])
         if error[0] is not None:
             raise HFFormatError(error[0])
     return Path(out_dir)

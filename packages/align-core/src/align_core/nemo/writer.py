@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from align_core.config import ModelConfig
+from align_core.disk_full import EXPORT_INTACT, DiskFullError, disk_full_guard
 from align_core.nemo.archive import write_archive
 from align_core.nemo.config_map import nemo_config_from_model
 from align_core.nemo.shards import gather_state_dict
@@ -98,6 +99,7 @@ def write_nemo(
 
     Raises:
         ValueError: When the state dict still holds LoRA adapter parameters.
+        DiskFullError: No space left (nothing at ``path`` was replaced).
     """
     _check_no_adapters(state_dict)
     weights = {
@@ -106,7 +108,13 @@ def write_nemo(
         )
         for k, v in canonical_order(state_dict).items()
     }
-    with tempfile.TemporaryDirectory(prefix="nemo-write-") as tmp:
+    needed = sum(v.numel() * v.element_size() for v in weights.values() if torch.is_tensor(v))
+    with (
+        disk_full_guard(
+            Path(path).name, Path(path).parent, intact=EXPORT_INTACT, needed=lambda: needed
+        ),
+        tempfile.TemporaryDirectory(prefix="nemo-write-") as tmp,
+    ):
         staging = Path(tmp)
         torch.save(weights, staging / WEIGHTS_FILE)
         _stage_config(
@@ -195,9 +203,18 @@ def save_nemo(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not distributed:
         full = gather_full_state(module, model_config)
+        full_disk: list[str | None] = [None]
         if full is not None:
-            write_nemo(path, full, model_config, tokenizer=tokenizer)
-        _barrier()
+            try:
+                write_nemo(path, full, model_config, tokenizer=tokenizer)
+            except DiskFullError as exc:
+                if not dist.is_initialized():
+                    raise
+                full_disk[0] = str(exc)
+        if dist.is_initialized():  # every rank fails with rank 0's message
+            dist.broadcast_object_list(full_disk, src=0)
+            if full_disk[0] is not None:
+                raise DiskFullError(full_disk[0])
         return path
     return _save_distributed(module, path, model_config, tokenizer, rank)
 

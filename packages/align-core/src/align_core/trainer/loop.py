@@ -266,6 +266,13 @@ class Trainer:
     the learning-rate schedule and a ``save`` callback that writes a checkpoint with the extra
     state it is given and returns its path.
 
+    A run made of several trainers one after the other (SPIN's iterations) gives each a
+    ``step_offset``: the trainer counts its own steps from 0 (its data, epochs, validation and
+    save intervals), and everything it reports — the sinks' step numbers and
+    ``consumed_samples``, the learning-rate schedule's step, the step and counters handed to
+    ``save`` — is on the run's scale (``offset + step``). ``metric_fields`` are added to every
+    metrics dict it reports, and ``on_validate(run_step)`` adds metrics to each validation.
+
     Attributes:
         device: The model's device; every micro-batch is moved there (`align_core.device`)
             after the reference pass and before the normaliser and the forward.
@@ -286,6 +293,9 @@ class Trainer:
         save: Callable[[int, dict[str, Any]], str] | None = None,
         sinks: Sequence[MetricsSink] = (),
         stop: StopRequest | None = None,
+        step_offset: int = 0,
+        metric_fields: Mapping[str, float] | None = None,
+        on_validate: Callable[[int], Mapping[str, float]] | None = None,
     ) -> None:
         """Wire the pieces (see the class docstring); nothing runs yet."""
         if algorithm.needs_reference and reference is None:
@@ -302,6 +312,9 @@ class Trainer:
         self._save = save
         self.sinks = list(sinks) if groups.is_main else []
         self.stop = stop or StopRequest()
+        self.step_offset = step_offset
+        self.metric_fields = dict(metric_fields or {})
+        self.on_validate = on_validate
         self.state = TrainerState()
         self.plan = plan_steps(
             config,
@@ -324,11 +337,19 @@ class Trainer:
         """0-based epoch of the next step."""
         return self.state.step // self.plan.steps_per_epoch
 
+    @property
+    def run_step(self) -> int:
+        """Steps done on the run's scale (``step_offset`` + this trainer's steps)."""
+        return self.step_offset + self.state.step
+
+    def _run_samples(self, consumed_samples: float) -> float:
+        return consumed_samples + self.step_offset * self.data.global_batch_size
+
     def state_dict(self) -> dict[str, Any]:
-        """Counters and reference identity, for the checkpoint's extra state."""
+        """Counters (on the run's scale) and reference identity, for the checkpoint."""
         out: dict[str, Any] = {
-            "step": self.state.step,
-            "consumed_samples": self.state.consumed_samples,
+            "step": self.run_step,
+            "consumed_samples": int(self._run_samples(self.state.consumed_samples)),
             "skipped_steps": self.state.skipped_steps,
             "epoch": self.epoch,
         }
@@ -337,7 +358,7 @@ class Trainer:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counters saved by `state_dict`.
+        """Restore counters saved by `state_dict` (on the run's scale).
 
         Raises:
             ValueError: The checkpoint was trained against a different reference strategy.
@@ -349,8 +370,9 @@ class Trainer:
                 f"resolves to {self.reference.strategy!r}; set model.reference.strategy to match"
             )
         self.state = TrainerState(
-            step=int(state["step"]),
-            consumed_samples=int(state["consumed_samples"]),
+            step=int(state["step"]) - self.step_offset,
+            consumed_samples=int(state["consumed_samples"])
+            - self.step_offset * self.data.global_batch_size,
             skipped_steps=int(state.get("skipped_steps", 0)),
         )
 
@@ -426,7 +448,7 @@ class Trainer:
             self.model, micro_batches, self.forward_fn, self.algorithm.loss_fn(normalizer)
         )
         sums = self._reduce(outputs, {"tokens_processed": tokens})
-        lr = self.learning_rate(self.state.step)
+        lr = self.learning_rate(self.run_step)
         from align_core.optim import set_learning_rate
 
         set_learning_rate(self.optimizer, lr)
@@ -438,7 +460,7 @@ class Trainer:
         metrics.update(
             grad_norm=grad_norm,
             lr=lr,
-            consumed_samples=float(self.state.consumed_samples),
+            consumed_samples=float(self._run_samples(self.state.consumed_samples)),
             epoch=float((step_number - 1) // self.plan.steps_per_epoch + 1),
             step_time=step_time,
             tokens_per_s=sums["tokens_processed"] / max(step_time, 1e-9),
@@ -455,7 +477,9 @@ class Trainer:
         loss = sums.get("loss", math.nan)
         if found_inf or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             if self.config.nonfinite == "stop" and not found_inf:
-                raise NonFiniteError(step_number, loss, grad_norm)
+                # The loss the metrics would show (the mean), not the global batch's sum.
+                shown = self.algorithm.finalize_metrics(sums).get("loss", loss)
+                raise NonFiniteError(step_number, shown, grad_norm)
             self.state.skipped_steps += 1
             return grad_norm
         if self.config.gradient_clip_val > 0:
@@ -491,13 +515,16 @@ class Trainer:
         finally:
             self.model.train(training)
         sums = self._reduce(outputs, {})
-        return self.algorithm.finalize_metrics(sums)
+        metrics = self.algorithm.finalize_metrics(sums)
+        if self.on_validate is not None:
+            metrics.update(self.on_validate(self.run_step))
+        return metrics
 
     # ----------------------------------------------------------------------------- loop
 
     def _emit(self, split: Split, metrics: Mapping[str, float]) -> None:
         for sink in self.sinks:
-            sink.log(split, self.state.step, metrics)
+            sink.log(split, self.run_step, metrics)
 
     def save(self) -> str | None:
         """Write a checkpoint now (through the ``save`` callback) and remember its path."""
@@ -505,7 +532,7 @@ class Trainer:
             return None
         if self._saved_step == self.state.step and self.last_checkpoint is not None:
             return self.last_checkpoint
-        self.last_checkpoint = self._save(self.state.step, self.state_dict())
+        self.last_checkpoint = self._save(self.run_step, self.state_dict())
         self._saved_step = self.state.step
         return self.last_checkpoint
 
@@ -528,12 +555,12 @@ class Trainer:
             while self.state.step < plan.max_steps:
                 signalled, time_up = self._stop_flags()
                 if signalled or time_up:
-                    self.stop_reason = "sigterm" if signalled else "max_time"
+                    self.stop_reason = self.stop.stop_reason(signalled)
                     if time_up and plan.val_check_interval:
                         self._validate_and_emit()
                     self.save()
                     return self.stop_reason
-                metrics = self.train_step()
+                metrics = {**self.train_step(), **self.metric_fields}
                 self.last_train_metrics = metrics
                 if self.state.step % max(1, self.config.log_every_n_steps) == 0:
                     self._emit("train", metrics)
@@ -550,5 +577,5 @@ class Trainer:
             self.stop.restore()
 
     def _validate_and_emit(self) -> None:
-        self.last_val_metrics = self.validate()
+        self.last_val_metrics = {**self.validate(), **self.metric_fields}
         self._emit("val", self.last_val_metrics)

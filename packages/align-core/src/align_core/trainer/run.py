@@ -38,7 +38,7 @@ Algorithm = str
 """An algorithm name of `align_core.algorithms.REGISTRY` (``RunConfig.algorithm``: one trained
 by the shared loop; ``dpo`` covers the DPO family, ``DPOConfig.preference_loss`` picks the loss)."""
 
-StopReason = Literal["completed", "max_time", "sigterm", "nonfinite"]
+StopReason = Literal["completed", "max_time", "sigterm", "sigint", "nonfinite"]
 
 
 @dataclass
@@ -240,7 +240,8 @@ class RunResult:
 
     Attributes:
         run_dir: The run directory.
-        stop_reason: ``completed`` (max steps/epochs), ``max_time``, ``sigterm`` or
+        stop_reason: ``completed`` (max steps/epochs), ``max_time``, ``sigterm``, ``sigint``
+            (Ctrl-C) or
             ``nonfinite`` (a NaN/inf loss or gradient with ``trainer.nonfinite="stop"``).
         steps: Optimizer steps completed (including those of resumed runs).
         consumed_samples: Training examples consumed.

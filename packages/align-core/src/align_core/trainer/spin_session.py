@@ -440,7 +440,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
             forward_sinks.plan, forward_sinks.sample_offset = plan, plan.start_step * gbs
             signalled, time_up = _stop_flags(stop, groups.device)
             if signalled or time_up:
-                reason = "sigterm" if signalled else "max_time"
+                reason = stop.stop_reason(signalled)
                 break
             if local_step == 0:
                 opponent.refresh()
@@ -450,7 +450,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
                 rows += generations(t - 1, may_generate=False).rows
             signalled, time_up = _stop_flags(stop, groups.device)
             if signalled or time_up:
-                reason = "sigterm" if signalled else "max_time"
+                reason = stop.stop_reason(signalled)
                 break
             step = SPINStep(spin, iteration=t, group=groups.data)
             data = TrainData(
