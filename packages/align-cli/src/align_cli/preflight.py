@@ -86,7 +86,9 @@ def resolved_reference(algorithm: str, run: Any) -> str:
     from align_core.reference import resolve_strategy
 
     try:
-        return resolve_strategy(run.reference.strategy, lora=run.peft is not None)
+        return resolve_strategy(
+            run.reference.strategy, lora=run.peft is not None, updated=run.reference.updated
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -125,6 +125,7 @@ def resolve_strategy(
     *,
     lora: bool,
     precompute_possible: bool = True,
+    updated: bool = False,
 ) -> Strategy:
     """Resolve ``ReferenceConfig.strategy``.
 
@@ -136,6 +137,8 @@ def resolve_strategy(
         requested: The configured strategy.
         lora: Whether the policy trains LoRA adapters.
         precompute_possible: False when the data cannot be enumerated before training.
+        updated: The reference is updated during training (``update_alpha``): it must hold
+            weights (``swap``, the choice of ``auto``, or ``model``).
 
     Returns:
         The strategy to build.
@@ -143,6 +146,14 @@ def resolve_strategy(
     Raises:
         ValueError: ``adapters`` without LoRA; ``precompute`` where it is impossible.
     """
+    if updated:
+        if requested == "auto":
+            return "swap"
+        if requested in ("adapters", "precompute"):
+            raise ValueError(
+                f"model.reference.update_alpha needs a reference that holds weights (swap or "
+                f"model), not model.reference.strategy={requested}"
+            )
     if requested == "auto":
         if lora:
             return "adapters"

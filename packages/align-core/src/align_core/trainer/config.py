@@ -57,7 +57,28 @@ class ReferenceConfig:
             LoRA, else ``precompute`` for offline DPO/KTO. The resolved strategy is logged;
             an explicit strategy that cannot apply is an error, never a silent fallback.
         cache_dir: Where ``precompute`` keeps its cache; None uses the run directory.
+        update_alpha: TR-DPO (Gorbatovski et al., 2024): every ``update_interval`` optimizer
+            steps the reference becomes ``α·policy + (1−α)·reference`` (α = 1: a hard copy, the
+            paper's τ-update; a small α every step: its soft update). None keeps the reference
+            frozen. Needs a reference that holds weights (``swap`` or ``model``; ``auto``
+            resolves to ``swap``); the updated reference is saved with each checkpoint.
+        update_interval: Steps between reference updates (τ).
     """
 
     strategy: Literal["auto", "swap", "adapters", "precompute", "model"] = "auto"
     cache_dir: str | None = None
+    update_alpha: float | None = None
+    update_interval: int = 1
+
+    def __post_init__(self) -> None:
+        if self.update_alpha is not None and not 0.0 < self.update_alpha <= 1.0:
+            raise ValueError(f"model.reference.update_alpha: {self.update_alpha} not in (0, 1]")
+        if self.update_interval < 1:
+            raise ValueError(
+                f"model.reference.update_interval must be >= 1, got {self.update_interval}"
+            )
+
+    @property
+    def updated(self) -> bool:
+        """Whether the reference changes during training (TR-DPO)."""
+        return self.update_alpha is not None

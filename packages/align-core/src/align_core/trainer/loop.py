@@ -272,6 +272,7 @@ class Trainer:
     ``consumed_samples``, the learning-rate schedule's step, the step and counters handed to
     ``save`` — is on the run's scale (``offset + step``). ``metric_fields`` are added to every
     metrics dict it reports, and ``on_validate(run_step)`` adds metrics to each validation.
+    ``on_step_end(run_step)`` runs after every applied update (a TR-DPO reference refresh).
 
     Attributes:
         device: The model's device; every micro-batch is moved there (`align_core.device`)
@@ -296,6 +297,7 @@ class Trainer:
         step_offset: int = 0,
         metric_fields: Mapping[str, float] | None = None,
         on_validate: Callable[[int], Mapping[str, float]] | None = None,
+        on_step_end: Callable[[int], None] | None = None,
     ) -> None:
         """Wire the pieces (see the class docstring); nothing runs yet."""
         if algorithm.needs_reference and reference is None:
@@ -315,6 +317,7 @@ class Trainer:
         self.step_offset = step_offset
         self.metric_fields = dict(metric_fields or {})
         self.on_validate = on_validate
+        self.on_step_end = on_step_end
         self.state = TrainerState()
         self.plan = plan_steps(
             config,
@@ -452,8 +455,11 @@ class Trainer:
         from align_core.optim import set_learning_rate
 
         set_learning_rate(self.optimizer, lr)
+        skipped = self.state.skipped_steps
         grad_norm = self._optimizer_step(step_number, sums)
         self.state.step = step_number
+        if self.on_step_end is not None and self.state.skipped_steps == skipped:
+            self.on_step_end(self.run_step)
         self.state.consumed_samples += self.data.global_batch_size
         step_time = time.perf_counter() - start
         metrics = self.algorithm.finalize_metrics(sums)

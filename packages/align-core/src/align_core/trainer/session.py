@@ -125,7 +125,7 @@ def _build_reference(
         # The base weights (LoRA adapters, zero-initialised, are not part of the reference).
         base = {k: v for k, v in policy.state_dict().items() if "_lora." not in k}
         reference.load_state_dict(base)
-        return ModelReference(reference, forward_fn, merge=merge)
+        return ModelReference(reference, forward_fn, merge=merge, policy=policy)
     if strategy == "adapters":
         from align_core.lora import lora_disabled
 
@@ -202,6 +202,9 @@ class Recipe:
         reference: Builds the reference policy once the data and the steps are planned:
             ``(data, steps, groups, sinks) -> ReferencePolicy``; None: no reference.
         reference_strategy: The resolved strategy (``none`` without a reference).
+        reference_update: ``(alpha, interval)``: refresh the reference toward the policy every
+            ``interval`` steps (TR-DPO, `align_core.reference` ``refresh``); its weights are
+            then saved with each checkpoint. None: the reference stays the initial policy.
         before_export: Runs before the final export (merging LoRA into the weights).
     """
 
@@ -220,6 +223,7 @@ class Recipe:
     batch_source: Callable[[TrainData], BatchSource] | None = None
     reference: ReferenceHook | None = None
     reference_strategy: str = "none"
+    reference_update: tuple[float, int] | None = None
     before_export: Callable[[], None] | None = None
 
 
@@ -281,6 +285,7 @@ def run_session(
     reference = None
     if recipe.reference is not None:
         reference = recipe.reference(data, steps, groups, sinks)
+    on_step_end, extra_models = _reference_updates(reference, recipe.reference_update)
 
     model = wrap_ddp(recipe.policy)
     optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
@@ -306,6 +311,7 @@ def run_session(
                 "plan": {"max_steps": steps.max_steps},
                 "model": model_summary,
             },
+            extra_models=extra_models(),
         )
         return str(path)
 
@@ -324,9 +330,10 @@ def run_session(
         save=save,
         sinks=sinks,
         stop=StopRequest(parse_max_time(run.trainer.max_time)),
+        on_step_end=on_step_end,
     )
     if run.resume:
-        loaded = checkpointer.load(model, optimizer)
+        loaded = checkpointer.load(model, optimizer, extra_models=extra_models())
         if loaded is not None:
             check_resume(
                 loaded.extra_state.get("data", {}),
@@ -367,6 +374,32 @@ def run_session(
     )
 
 
+def _reference_updates(
+    reference: ReferencePolicy | None, update: tuple[float, int] | None
+) -> tuple[Callable[[int], None] | None, Callable[[], dict[str, Any] | None]]:
+    """The step-end hook refreshing ``reference`` and the checkpoint's extra models.
+
+    Returns:
+        ``(on_step_end, extra_models)``: the hook (None without updates) and a function giving
+        the reference weights to save and load with each checkpoint (None without updates).
+    """
+    if reference is None or update is None:
+        return None, lambda: None
+    alpha, interval = update
+    refreshable: Any = reference
+    if not hasattr(refreshable, "checkpoint_state"):
+        raise ValueError(
+            f"the {reference.strategy} reference cannot be updated during training (TR-DPO): "
+            "use model.reference.strategy=swap or model"
+        )
+
+    def on_step_end(step: int) -> None:
+        if step % interval == 0:
+            refreshable.refresh(alpha)
+
+    return on_step_end, lambda: {"reference": refreshable.checkpoint_state()}
+
+
 def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     """See `align_core.trainer.train`: the shared loop's recipe (DPO family, KTO, SFT)."""
     from align_core.logprobs import forward_token_logps
@@ -402,7 +435,9 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     strategy = "none"
     reference: ReferenceHook | None = None
     if needs_reference(run):
-        strategy = resolve_strategy(run.reference.strategy, lora=lora)
+        strategy = resolve_strategy(
+            run.reference.strategy, lora=lora, updated=run.reference.updated
+        )
 
         def reference(data, steps, groups, sinks, strategy=strategy):
             return _build_reference(
@@ -447,6 +482,11 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         per_epoch_cache_rows=spec.per_epoch_reference,
         reference=reference,
         reference_strategy=strategy,
+        reference_update=(
+            (run.reference.update_alpha, run.reference.update_interval)
+            if run.reference.update_alpha is not None and reference is not None
+            else None
+        ),
         before_export=merge_lora if lora else None,
     )
     return run_session(run, recipe, ctx, sinks)
