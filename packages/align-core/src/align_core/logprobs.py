@@ -9,6 +9,9 @@ Two paths, both through `align_losses` with the model's tensor-parallel group:
   it returns the final (normed) hidden states ``[S, B, H]``, and
   `align_losses.chunked_linear_logps` combines them with this rank's rows of the output weight
   (tied to the input embedding or not) chunk by chunk, so ``[B, S, V]`` logits never exist.
+  Only scored positions (label not ``ignore_index``) go through the output layer
+  (``LogProbConfig.scored_only``): prompts and padding, often more than half of a preference
+  batch, cost no output-layer work.
 
 Padded vocabulary. Megatron pads the vocabulary to a multiple of
 ``make_vocab_size_divisible_by × TP``; the padded rows of the output layer are real parameters that
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,11 +66,24 @@ class LogProbConfig:
             `align_losses.chunked_linear_logps` (no ``[B, S, V]`` logits); False uses the logits.
         chunk_size: Tokens per chunk in the fused path; None uses `align_losses`' default.
         ignore_index: Label value that marks unscored positions.
+        scored_only: Fused path: multiply only the hidden states of scored positions (label not
+            ``ignore_index``) by the output weight. Prompts and padding are never scored in
+            preference and KTO batches, so this skips their share of the output layer (whose
+            ``H × V`` weight is a fifth of a 135M model's matmul work per token): the same values,
+            and gradients equal up to float summation order. Finding the positions reads their
+            count back to the host once per forward (a synchronisation on CUDA).
+        keep_single_chunk: Fused path: when a micro-batch's scored tokens fit in one chunk,
+            keep that chunk's exponentiated logits for backward instead of recomputing them
+            (`align_losses.chunked_linear_logps`'s ``keep_single_chunk``: one ``N×H×V`` matmul
+            fewer, no higher peak when each micro-batch's backward follows its forward, as in
+            `align_core.schedule.forward_backward`).
     """
 
     fused: bool = True
     chunk_size: int | None = None
     ignore_index: int = -100
+    scored_only: bool = True
+    keep_single_chunk: bool = True
 
 
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> Tensor:
@@ -208,6 +225,8 @@ def token_logps_from_hidden(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     sequence_parallel: bool = False,
+    scored_only: bool = False,
+    keep_single_chunk: bool = False,
 ) -> Tensor:
     """Token log-probs from final hidden states and the output weight, without full logits.
 
@@ -220,6 +239,10 @@ def token_logps_from_hidden(
         ignore_index: Label value of unscored positions.
         chunk_size: Tokens per chunk; None uses `align_losses`' default.
         sequence_parallel: Gather the sequence-sharded hidden states over ``group`` first.
+        scored_only: Run the output layer only on the positions whose label is not
+            ``ignore_index`` (the others get 0 and no gradient either way); reads the number
+            of such positions back to the host.
+        keep_single_chunk: Passed to `align_losses.chunked_linear_logps`.
 
     Returns:
         ``[B, S]`` float32 log-probs (0 where ignored).
@@ -248,15 +271,29 @@ def token_logps_from_hidden(
                 f" is all padding (vocab_size {vocab_size}); use LogProbConfig(fused=False)"
             )
         weight = weight[:real]
-    kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
+    kwargs: dict[str, Any] = {"keep_single_chunk": keep_single_chunk}
+    if chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
+    hidden = hidden.to(weight.dtype)
+    labels = labels.t()  # [S, B], the layout of ``hidden``
+    if scored_only:
+        flat_labels = labels.reshape(-1)
+        rows = (flat_labels != ignore_index).nonzero().squeeze(1)
+        if rows.numel() < flat_labels.numel():
+            # Every rank of ``group`` holds the same labels, hence the same rows.
+            scored = chunked_linear_logps(
+                hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+                weight,
+                flat_labels.index_select(0, rows),
+                ignore_index=ignore_index,
+                group=group,
+                vocab_start=start,
+                **kwargs,
+            )
+            out = scored.new_zeros(flat_labels.shape).index_copy(0, rows, scored)
+            return out.view(labels.shape).t()
     out = chunked_linear_logps(
-        hidden.to(weight.dtype),
-        weight,
-        labels.t(),
-        ignore_index=ignore_index,
-        group=group,
-        vocab_start=start,
-        **kwargs,
+        hidden, weight, labels, ignore_index=ignore_index, group=group, vocab_start=start, **kwargs
     )
     return out.t()
 
@@ -304,6 +341,8 @@ def forward_token_logps(
             ignore_index=config.ignore_index,
             chunk_size=config.chunk_size,
             sequence_parallel=gpt.config.sequence_parallel,
+            scored_only=config.scored_only,
+            keep_single_chunk=config.keep_single_chunk,
         )
     logits = model(tokens, position_ids, mask)
     return token_logps_from_logits(

@@ -226,6 +226,11 @@ class _ChunkedLinearLogps(torch.autograd.Function):
     forward pass also forms ``e = (softmax − onehot) W`` per chunk from the logits it already
     holds and keeps it (``[N, H]``, the size of ``hidden``); backward is then ``−g·e`` with no
     matmul, instead of recomputing the logits and multiplying again.
+
+    With ``keep`` (every token in one chunk) the chunk's ``exp(z − local max)`` stays in its
+    buffer from forward to backward, which rescales it into the softmax instead of recomputing
+    the logits (one ``N×H×V`` matmul fewer). A second backward through the same graph
+    (``retain_graph``) recomputes, as the first one consumed the buffer.
     """
 
     @staticmethod
@@ -239,6 +244,7 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         group: ProcessGroup | None,
         vocab_start: int,
         precompute: bool,
+        keep: bool,
     ) -> Tensor:
         num_tokens = hidden.shape[0]
         vocab_local = weight.shape[0]
@@ -266,6 +272,8 @@ class _ChunkedLinearLogps(torch.autograd.Function):
             shift[rows] = row_max.squeeze(1)
             total = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
             log_sum[rows] = total.log().squeeze(1)
+            if keep:  # one chunk: logits is exp(z − local max) of every token
+                ctx.kept, ctx.local_max = logits, shift.clone()
             if grad_basis is not None and minus_one is not None:
                 # Unsharded here, so every label column is in ``logits`` (ignored rows get a
                 # harmless −1 at column 0: their upstream gradient is zeroed in backward).
@@ -275,6 +283,8 @@ class _ChunkedLinearLogps(torch.autograd.Function):
                     probs = low.rows(probs.shape[0]).copy_(probs)
                 torch.mm(probs, weight, out=grad_basis[rows])
         del work, low
+        if not keep:
+            ctx.kept = ctx.local_max = None
         target = torch.where(owned, target, torch.zeros_like(target))
         shift, log_sum = combine_logsumexp(shift, log_sum, group)
         target = all_reduce(target, dist.ReduceOp.SUM, group)
@@ -292,13 +302,13 @@ class _ChunkedLinearLogps(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_out: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None, None, None]:
         if ctx.precompute:
             grad_basis, valid = ctx.saved_tensors
             cdt = compute_dtype(grad_basis.dtype)
             neg_g = torch.where(valid, grad_out.to(cdt).neg(), torch.zeros((), dtype=cdt))
             grad_hidden = (grad_basis * neg_g.unsqueeze(1)).to(grad_basis.dtype)
-            return grad_hidden, None, None, None, None, None, None, None
+            return grad_hidden, None, None, None, None, None, None, None, None
         hidden, weight, columns, owned, valid, shift, log_sum = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens = hidden.shape[0]
@@ -319,12 +329,22 @@ class _ChunkedLinearLogps(torch.autograd.Function):
         work = Workspace(vocab_local, cdt, hidden.device)
         low = None if cdt == hidden.dtype else Workspace(vocab_local, hidden.dtype, hidden.device)
         partial = None
+        kept, ctx.kept = ctx.kept, None
+        local_max = ctx.local_max
         for start in range(0, num_tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
             h = hidden[rows]
-            d = _chunk_logits(h, weight, work, low)
-            # g·(onehot − softmax), with softmax = exp((z − shift) − log_sum).
-            d.sub_(shift[rows]).sub_(log_sum[rows]).exp_().mul_(neg_g[rows])
+            if local_max is not None:  # one chunk, kept from forward (recomputed the same way
+                # when a retained graph runs backward again): exp(z − local max), times
+                # exp(local max − shift − log_sum), is the softmax.
+                if kept is None:
+                    kept = _chunk_logits(h, weight, work, low)
+                    kept.sub_(local_max.unsqueeze(1)).exp_()
+                d = kept.mul_(((local_max.unsqueeze(1) - shift) - log_sum).exp_().mul_(neg_g))
+            else:
+                d = _chunk_logits(h, weight, work, low)
+                # g·(onehot − softmax), with softmax = exp((z − shift) − log_sum).
+                d.sub_(shift[rows]).sub_(log_sum[rows]).exp_().mul_(neg_g[rows])
             d.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
             if low is not None:
                 d = low.rows(d.shape[0]).copy_(d)
@@ -341,12 +361,12 @@ class _ChunkedLinearLogps(torch.autograd.Function):
                         grad_weight.copy_(partial)
                     else:
                         grad_weight.add_(partial)
-        del work, low, partial
+        del work, low, partial, kept
         if grad_hidden is not None:
             all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, work: Workspace, low: Workspace | None) -> Tensor:
@@ -366,6 +386,7 @@ def chunked_linear_logps(
     ignore_index: int = -100,
     group: ProcessGroup | None = None,
     vocab_start: int = 0,
+    keep_single_chunk: bool = False,
 ) -> Tensor:
     r"""Token log-probabilities straight from final hidden states, never materialising logits.
 
@@ -388,7 +409,9 @@ def chunked_linear_logps(
     −g·(p − onehot) W`` is formed in forward instead, a chunk at a time from the logits already
     at hand, and kept (``[N, H]``, the size of ``hidden``): two matmuls in all, as many as the
     dense version, and backward does no matmul. That forward matmul is spent even if backward
-    never runs; call under ``torch.no_grad()`` for forward-only use.
+    never runs; call under ``torch.no_grad()`` for forward-only use. With ``keep_single_chunk``
+    and at most ``chunk_size`` tokens, the one chunk's exponentiated logits are kept for backward
+    instead of recomputed: three matmuls, like the dense version, in the memory of one chunk.
 
     With ``group`` (vocabulary parallelism), ``weight`` is this rank's rows
     ``[vocab_start, vocab_start + V_local)`` of the output embedding and ``hidden`` is replicated
@@ -405,6 +428,12 @@ def chunked_linear_logps(
         ignore_index: label value that marks positions to skip.
         group: process group the vocabulary is sharded over, or None.
         vocab_start: first global vocabulary id of this rank's rows of ``weight``.
+        keep_single_chunk: when all tokens fit in one chunk (``N <= chunk_size``) and gradients
+            are wanted, keep that chunk's exponentiated logits (``[N, V]`` floats, the buffer
+            backward would otherwise allocate and refill) from forward to backward instead of
+            recomputing them: three ``N×H×V`` matmuls instead of four. The peak is unchanged
+            when backward follows each call (one call per micro-batch, then its backward); a
+            caller that runs several calls before one backward holds one such block per call.
 
     Returns:
         ``[...]`` log-probabilities in float32 (float64 for float64 inputs).
@@ -436,6 +465,13 @@ def chunked_linear_logps(
         and hidden.requires_grad
         and not weight.requires_grad
     )
+    keep = (
+        keep_single_chunk
+        and not precompute
+        and torch.is_grad_enabled()
+        and (hidden.requires_grad or weight.requires_grad)
+        and 0 < labels.numel() <= chunk_size
+    )
     out = _ChunkedLinearLogps.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -445,5 +481,6 @@ def chunked_linear_logps(
         group,
         vocab_start,
         precompute,
+        keep,
     )
     return out.view(labels.shape)
