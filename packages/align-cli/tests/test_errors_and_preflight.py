@@ -195,7 +195,9 @@ def _intact_checkpoint(path: Path) -> None:
     from torch.distributed.checkpoint.metadata import Metadata
 
     path.mkdir(parents=True)
-    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={})))
+    (path / ".metadata").write_bytes(
+        pickle.dumps(Metadata(state_dict_metadata={}, storage_data={}))
+    )
     torch.save({"common": {}}, path / "common.pt")
     (path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
 
