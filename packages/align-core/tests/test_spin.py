@@ -219,7 +219,9 @@ def test_micro_batch_1_x_accumulation_4_equals_4_x_1_and_starts_at_ln2(dist_ctx)
     assert a[0]["acc"] == 0.0 and a[0]["rewards_margin"] == 0.0
     for ma, mb in zip(a, b, strict=True):
         for key in ("loss", "acc", "rewards_margin", "generated_length_mean"):
-            assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), key
+            # fp32: the output layer sees a different number of rows per call (scored
+            # positions only), so sums round differently at the 1e-5 level.
+            assert ma[key] == pytest.approx(mb[key], rel=2e-5, abs=1e-6), key
         assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
     for (name, pa), (_, pb) in zip(
         small.model.module.named_parameters(), large.model.module.named_parameters(), strict=True
