@@ -276,7 +276,8 @@ def token_logps_from_hidden(
         kwargs["chunk_size"] = chunk_size
     hidden = hidden.to(weight.dtype)
     labels = labels.t()  # [S, B], the layout of ``hidden``
-    if scored_only:
+    # A meta-device forward (shapes only) has no label values to select rows by.
+    if scored_only and labels.device.type != "meta":
         flat_labels = labels.reshape(-1)
         rows = (flat_labels != ignore_index).nonzero().squeeze(1)
         if rows.numel() < flat_labels.numel():

@@ -11,7 +11,6 @@ import json
 import mmap
 import os
 import stat
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,9 +218,10 @@ def _decode_line(data: bytes, path: str, line: int, strip_bom: bool) -> RawRow:
         message = f"invalid JSON: {exc.msg} (column {exc.colno})"
         return RawRow(line, None, DataError(path, line, RECORD_FIELD, message), text)
     except RecursionError:
+        # Not the limit's number: libraries raise sys.getrecursionlimit() at run time.
         message = (
-            f"invalid JSON: nested too deeply (the parser stops at about "
-            f"{sys.getrecursionlimit()} levels of lists and objects)"
+            "invalid JSON: nested too deeply (more levels of lists and objects than the "
+            "parser's recursion limit allows)"
         )
         return RawRow(line, None, DataError(path, line, RECORD_FIELD, message), text[:200])
     return RawRow(line, value, None, text)
