@@ -59,8 +59,16 @@ def dense_kd(
     s_scale: float = 1.0,
     t_scale: float = 1.0,
     t_lse: torch.Tensor | None = None,
+    kind: str | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> torch.Tensor:
-    """Per-token KL from DESIGN.md's table, written densely (float64)."""
+    """Per-token divergence from DESIGN.md's table, written densely (float64).
+
+    ``kind`` (default ``bwd_kl`` if ``reverse`` else ``fwd_kl``) may also be ``jsd`` (GKD:
+    β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q), ``skew_fwd_kl`` (KL(p ‖ αp + (1−α)q)) or
+    ``skew_bwd_kl`` (KL(q ‖ (1−α)p + αq)); p is the teacher, q the student.
+    """
     z = s_scale * student.double()
     t = t_logits.double()
     if t_lse is None:
@@ -75,7 +83,19 @@ def dense_kd(
         log_p = torch.cat([log_p_ids, p_tail.log()], -1)
         log_q = torch.cat([log_q_ids, q_tail.log()], -1)
     p, q = log_p.exp(), log_q.exp()
-    return (q * (log_q - log_p)).sum(-1) if reverse else (p * (log_p - log_q)).sum(-1)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (a.log() - b.log())).sum(-1)
+
+    kind = kind or ("bwd_kl" if reverse else "fwd_kl")
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skew_fwd_kl":
+        return kl(p, alpha * p + (1 - alpha) * q)
+    if kind == "skew_bwd_kl":
+        return kl(q, (1 - alpha) * p + alpha * q)
+    return (q * (log_q - log_p)).sum(-1) if kind == "bwd_kl" else (p * (log_p - log_q)).sum(-1)
 
 
 def nemo_kd_lines(examples, reader, *, batch_size: int, eos_id: int) -> list[dict]:

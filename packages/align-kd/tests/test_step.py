@@ -44,10 +44,12 @@ def _expected(cfg, logits, batch, k):
         z,
         t,
         ids,
-        reverse=cfg.kd_loss == "bwd_kl",
         s_scale=cfg.logits_scale,
         t_scale=cfg.target_logits_scale,
         t_lse=lse,
+        kind=cfg.kd_loss,
+        beta=cfg.jsd_beta,
+        alpha=cfg.skew_alpha,
     )
     logp = torch.log_softmax(cfg.logits_scale * z, -1)
     nll = -logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
@@ -61,6 +63,10 @@ CONFIGS = [
     KnowledgeDistillationConfig(tail=True, sft_loss_weight=0.3, kd_loss_weight=0.7),
     KnowledgeDistillationConfig(kd_loss="bwd_kl", tail=True, top_k=2, logits_scale=1.5),
     KnowledgeDistillationConfig(top_k=3, sft_loss_weight=1.0, logits_scale=2.0),
+    KnowledgeDistillationConfig(kd_loss="jsd", jsd_beta=0.3),
+    KnowledgeDistillationConfig(kd_loss="jsd", tail=True, sft_loss_weight=0.2),
+    KnowledgeDistillationConfig(kd_loss="skew_fwd_kl", skew_alpha=0.2, tail=True),
+    KnowledgeDistillationConfig(kd_loss="skew_bwd_kl", logits_scale=0.7),
 ]
 
 
@@ -182,4 +188,11 @@ def test_config_errors_are_clear():
         check_vocabularies(teacher_vocab_size=300, student_vocab_size=259, cross_tokenizer=False)
     check_vocabularies(teacher_vocab_size=300, student_vocab_size=259, cross_tokenizer=True)
     assert KnowledgeDistillationConfig(kd_loss="bwd_kl").divergence == "reverse_kl"
+    assert KnowledgeDistillationConfig(kd_loss="jsd").divergence == "jsd"
+    with pytest.raises(ValueError, match=r"jsd_beta must be in \[0, 1\]"):
+        KnowledgeDistillationConfig(kd_loss="jsd", jsd_beta=1.5)
+    with pytest.raises(ValueError, match=r"skew_alpha must be in \[0, 1\)"):
+        KnowledgeDistillationConfig(kd_loss="skew_fwd_kl", skew_alpha=1.0)
+    with pytest.raises(ValueError, match="on_policy_micro_batch_size"):
+        KnowledgeDistillationConfig(on_policy_micro_batch_size=0)
     assert math.isclose(KnowledgeDistillationConfig().kd_loss_weight, 1.0)

@@ -4,8 +4,9 @@ Offline: `run_teacher_pass` writes the teacher's top-k per input position into a
 teacher stores (resumable, any TP/PP/DP layout); `TeacherExamples` pairs them with the student's
 tokenized examples and `KDStep` trains the student with `align_losses.topk_kd_loss` (plus an
 optional SFT term) under align-core's trainer loop. Online: `OnlineTeacher` computes the same
-top-k on the fly from a frozen teacher in the same job. `import_nemo_kd_jsonl` reuses
-NeMo-Aligner's teacher outputs.
+top-k on the fly from a frozen teacher in the same job; `OnPolicyTeacherData` lets the student
+sample a fraction of the responses itself (on-policy distillation, GKD).
+`import_nemo_kd_jsonl` reuses NeMo-Aligner's teacher outputs.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +14,13 @@ from importlib.metadata import PackageNotFoundError, version
 from align_kd.config import KDLoss, KnowledgeDistillationConfig, TeacherPassConfig
 from align_kd.data import TeacherExamples, import_nemo_kd_jsonl, nemo_kd_examples
 from align_kd.forward import logits_forward, tensor_group_of, vocab_start_of
+from align_kd.on_policy import (
+    ON_POLICY_KEYS,
+    OnPolicyTeacherData,
+    is_on_policy_step,
+    on_policy_length,
+    on_policy_source,
+)
 from align_kd.online import OnlineTeacher, OnlineTeacherData, freeze
 from align_kd.step import (
     TEACHER_KEYS,
@@ -46,6 +54,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "ON_POLICY_KEYS",
     "TEACHER_KEYS",
     "KDExample",
     "KDLoss",
@@ -53,6 +62,7 @@ __all__ = [
     "KDStep",
     "KDTeacherRunConfig",
     "KnowledgeDistillationConfig",
+    "OnPolicyTeacherData",
     "OnlineTeacher",
     "OnlineTeacherData",
     "TeacherExamples",
@@ -66,10 +76,13 @@ __all__ = [
     "examples_fingerprint",
     "freeze",
     "import_nemo_kd_jsonl",
+    "is_on_policy_step",
     "kd_loss_and_metrics",
     "kd_model_batch",
     "logits_forward",
     "nemo_kd_examples",
+    "on_policy_length",
+    "on_policy_source",
     "open_teacher_store",
     "run_teacher",
     "run_teacher_pass",

@@ -1,23 +1,33 @@
 """Typed configuration of distillation: the loss knobs and the teacher pass.
 
 `KnowledgeDistillationConfig` is ``model.knowledge_distillation`` with NeMo-Aligner's names and
-defaults, plus two of ours (``tail``, ``top_k``). `TeacherPassConfig` is what ``align kd teacher``
-needs beyond the model and the data. Every default lives in a dataclass field here.
+defaults, plus ours (``tail``, ``top_k`` and on-policy distillation: ``on_policy`` and its
+sampling settings, align-core's `SamplingConfig` / `LengthConfig`). `TeacherPassConfig` is
+what ``align kd teacher`` needs beyond the model and the data. Every default lives in a
+dataclass field here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from align_core.generation.config import LengthConfig, SamplingConfig
 from align_data.stores import TeacherDType
 
 __all__ = ["KDLoss", "KnowledgeDistillationConfig", "TeacherPassConfig"]
 
-KDLoss = Literal["fwd_kl", "bwd_kl"]
-"""NeMo-Aligner's names: ``fwd_kl`` is KL(teacher ‖ student), ``bwd_kl`` KL(student ‖ teacher)."""
+KDLoss = Literal["fwd_kl", "bwd_kl", "jsd", "skew_fwd_kl", "skew_bwd_kl"]
+"""NeMo-Aligner's names ``fwd_kl`` (KL(teacher ‖ student)) and ``bwd_kl`` (KL(student ‖ teacher)),
+plus GKD's generalised Jensen-Shannon divergence ``jsd`` and DistiLLM's skewed KLs."""
 
-_DIVERGENCE = {"fwd_kl": "forward_kl", "bwd_kl": "reverse_kl"}
+_DIVERGENCE = {
+    "fwd_kl": "forward_kl",
+    "bwd_kl": "reverse_kl",
+    "jsd": "jsd",
+    "skew_fwd_kl": "skew_forward_kl",
+    "skew_bwd_kl": "skew_reverse_kl",
+}
 
 
 @dataclass
@@ -25,8 +35,14 @@ class KnowledgeDistillationConfig:
     """``model.knowledge_distillation``: the per-token loss ``w_kd·KD + w_sft·NLL``.
 
     Attributes:
-        kd_loss: ``fwd_kl`` (KL(teacher ‖ student), mode covering) or ``bwd_kl``
-            (KL(student ‖ teacher), mode seeking), over the teacher's top-k tokens.
+        kd_loss: The divergence over the teacher's top-k tokens (`align_losses.topk_kd_loss`):
+            ``fwd_kl`` (KL(teacher ‖ student), mode covering), ``bwd_kl`` (KL(student ‖
+            teacher), mode seeking), ``jsd`` (GKD's generalised Jensen-Shannon divergence with
+            ``jsd_beta``; β = 0 is ``fwd_kl`` and β = 1 ``bwd_kl`` exactly), ``skew_fwd_kl`` /
+            ``skew_bwd_kl`` (DistiLLM's skewed KLs with ``skew_alpha``).
+        jsd_beta: β of ``jsd`` in [0, 1], the teacher's weight in the mixture (GKD's default
+            0.5: the symmetric JSD).
+        skew_alpha: α of the skewed KLs in [0, 1) (DistiLLM's 0.1).
         kd_loss_weight: Weight of the distillation term.
         sft_loss_weight: Weight of the ordinary cross-entropy on the labels (NeMo-Aligner's
             default 0: pure distillation). The NLL is reported as ``sft_loss`` either way.
@@ -39,9 +55,25 @@ class KnowledgeDistillationConfig:
             ``target_logits_scale == 1`` (the log-sum-exp is of the unscaled logits).
         top_k: Use the first ``top_k`` of the stored (or, online, computed) teacher tokens;
             None uses them all. Must not exceed what the teacher provides.
+        on_policy: λ in [0, 1], on-policy distillation (GKD): the expected fraction of
+            training steps whose responses the student samples itself (the online teacher
+            scores them); the others use the dataset's responses. Which steps is a seeded pure
+            function of the run seed and the step (`align_kd.on_policy.is_on_policy_step`).
+            0 (default) is plain KD. Needs the online teacher
+            (``teacher.restore_from_path``).
+        on_policy_sampling: How the student samples on-policy responses (align-core's
+            `SamplingConfig`: ``temperature`` 1.0, ``top_k`` 0 = off, ``top_p`` 1.0 = off,
+            ``use_greedy``, ``repetition_penalty``, ``end_strings``): by default the student's
+            own distribution, as in GKD.
+        on_policy_length: Most and fewest new tokens per sample (`LengthConfig`:
+            ``max_length`` 256, ``min_length`` 0); ``max_length`` is also capped so that the
+            longest training prompt plus its sample fits the sequence length.
+        on_policy_micro_batch_size: Prompts per generation call on each data-parallel rank.
     """
 
     kd_loss: KDLoss = "fwd_kl"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
     kd_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     logits_scale: float = 1.0
@@ -49,12 +81,24 @@ class KnowledgeDistillationConfig:
     cross_tokenizer: bool = False
     tail: bool = False
     top_k: int | None = None
+    on_policy: float = 0.0
+    on_policy_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    on_policy_length: LengthConfig = field(default_factory=LengthConfig)
+    on_policy_micro_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if self.kd_loss not in _DIVERGENCE:
             raise ValueError(
-                f"model.knowledge_distillation.kd_loss must be 'fwd_kl' or 'bwd_kl', got "
-                f"{self.kd_loss!r}"
+                f"model.knowledge_distillation.kd_loss must be one of {', '.join(_DIVERGENCE)}, "
+                f"got {self.kd_loss!r}"
+            )
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(
+                f"model.knowledge_distillation.jsd_beta must be in [0, 1], got {self.jsd_beta}"
+            )
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(
+                f"model.knowledge_distillation.skew_alpha must be in [0, 1), got {self.skew_alpha}"
             )
         if self.kd_loss_weight < 0 or self.sft_loss_weight < 0:
             raise ValueError("kd_loss_weight and sft_loss_weight must be >= 0")
@@ -70,11 +114,29 @@ class KnowledgeDistillationConfig:
             )
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"model.knowledge_distillation.top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(
+                f"model.knowledge_distillation.on_policy must be in [0, 1], got {self.on_policy}"
+            )
+        if self.on_policy_micro_batch_size < 1:
+            raise ValueError(
+                "model.knowledge_distillation.on_policy_micro_batch_size must be >= 1, got "
+                f"{self.on_policy_micro_batch_size}"
+            )
 
     @property
-    def divergence(self) -> Literal["forward_kl", "reverse_kl"]:
+    def divergence(self) -> str:
         """The `align_losses.topk_kd_loss` name of ``kd_loss``."""
-        return _DIVERGENCE[self.kd_loss]  # type: ignore[return-value]
+        return _DIVERGENCE[self.kd_loss]
+
+    @property
+    def divergence_options(self) -> dict[str, float]:
+        """The β or α keyword ``topk_kd_loss`` takes for ``kd_loss`` (none for the plain KLs)."""
+        if self.kd_loss == "jsd":
+            return {"beta": self.jsd_beta}
+        if self.kd_loss.startswith("skew_"):
+            return {"skew": self.skew_alpha}
+        return {}
 
     def effective_top_k(self, available: int) -> int:
         """The k to use when the teacher provides ``available`` tokens per position.

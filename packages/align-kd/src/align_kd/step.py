@@ -25,6 +25,10 @@ Metrics are sums over the micro-batch, reduced over the global batch and divided
 of labelled tokens in `KDStep.finalize_metrics`: ``loss``, ``kd_loss``, ``sft_loss`` and
 ``top1_agreement`` (the fraction of labelled positions where the student's most likely token is
 the teacher's; not with ``cross_tokenizer``, whose ids live in different vocabularies).
+Training batches of on-policy runs (`align_kd.on_policy`) also carry ``on_policy`` and
+``generated_tokens`` per row, reported as ``on_policy`` (the share of the step's examples the
+student generated: 1 or 0) and ``generated_length_mean`` (mean sample length, on-policy steps
+only).
 """
 
 from __future__ import annotations
@@ -197,7 +201,8 @@ def kd_loss_and_metrics(
         logits,
         t_logits,
         t_ids,
-        divergence=config.divergence,
+        divergence=config.divergence,  # type: ignore[arg-type]
+        **config.divergence_options,
         student_scale=config.logits_scale,
         teacher_scale=config.target_logits_scale,
         teacher_logsumexp=t_lse if config.tail else None,
@@ -220,6 +225,10 @@ def kd_loss_and_metrics(
         "sft_loss": torch.where(mask, nll.detach().to(kd.dtype), zero).sum(),
         "tokens": mask.sum().to(kd.dtype),
     }
+    if "on_policy" in batch:
+        metrics["examples"] = torch.tensor(float(labels.shape[0]), dtype=kd.dtype, device=kd.device)
+        metrics["on_policy_examples"] = batch["on_policy"].to(kd.device, kd.dtype).sum()
+        metrics["generated_tokens"] = batch["generated_tokens"].to(kd.device, kd.dtype).sum()
     if not config.cross_tokenizer:
         student_top1 = vocab_parallel_argmax(
             logits, group=group, vocab_start=start, vocab_size=vocab_size
@@ -305,10 +314,17 @@ class KDStep:
         """Token means over the global batch.
 
         Returns:
-            ``loss``, ``kd_loss``, ``sft_loss`` and ``top1_agreement`` (when computed).
+            ``loss``, ``kd_loss``, ``sft_loss`` and ``top1_agreement`` (when computed); on
+            on-policy runs' training steps also ``on_policy`` and, when it is 1,
+            ``generated_length_mean``.
         """
         tokens = max(sums.get("tokens", 0.0), 1.0)
         out = {key: sums[key] / tokens for key in ("loss", "kd_loss", "sft_loss") if key in sums}
         if "top1_agree" in sums:
             out["top1_agreement"] = sums["top1_agree"] / tokens
+        if "on_policy_examples" in sums:
+            generated = sums["on_policy_examples"]
+            out["on_policy"] = generated / max(sums["examples"], 1.0)
+            if generated > 0:
+                out["generated_length_mean"] = sums["generated_tokens"] / generated
         return out

@@ -2,10 +2,11 @@
 
 `run_teacher` computes the teacher pass of a run's data (training and validation splits) and
 `train_kd` distils a student, offline from those stores, offline from imported NeMo-Aligner KD
-JSONL, or online from a teacher ``.nemo`` loaded into the same job. Both take one typed config
-(the CLI converts its Hydra tree with ``OmegaConf.to_object``) and reuse align-core's pieces:
-model and tokenizer resolution, data preprocessing (so the teacher pass and the student see the
-same token ids), the trainer loop, checkpoints, resume and ``.nemo`` export.
+JSONL, or online from a teacher ``.nemo`` loaded into the same job (optionally on-policy: the
+student samples a fraction of the batches' responses itself, `align_kd.on_policy`). Both take one
+typed config (the CLI converts its Hydra tree with ``OmegaConf.to_object``) and reuse
+align-core's pieces: model and tokenizer resolution, data preprocessing (so the teacher pass and
+the student see the same token ids), the trainer loop, checkpoints, resume and ``.nemo`` export.
 
 Data. The teacher pass and the student tokenize the same files with the same settings; the
 stores record a fingerprint of the token ids and training refuses stores made from other data.
@@ -127,6 +128,14 @@ class KDRunConfig:
         if self.teacher.nemo_jsonl and self.data.train_files:
             raise ValueError(
                 "teacher.nemo_jsonl brings its own examples: leave model.data.train_files empty"
+            )
+        if self.knowledge_distillation.on_policy > 0 and not self.teacher.online:
+            source = "teacher.directory" if self.teacher.directory else "teacher.nemo_jsonl"
+            raise ValueError(
+                f"model.knowledge_distillation.on_policy={self.knowledge_distillation.on_policy} "
+                "needs the online teacher (model.knowledge_distillation.teacher."
+                f"restore_from_path) to score the student's samples; {source} holds top-k for "
+                "the dataset's responses only"
             )
 
 
@@ -275,7 +284,8 @@ def train_kd(run: KDRunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
     Args:
         run: The run configuration.
         sinks: Metric receivers (global rank 0 only): ``loss``, ``kd_loss``, ``sft_loss``,
-            ``top1_agreement`` plus the trainer's own (``grad_norm``, ``lr``, ...).
+            ``top1_agreement`` (on-policy runs: ``on_policy``, ``generated_length_mean``)
+            plus the trainer's own (``grad_norm``, ``lr``, ...).
 
     Returns:
         How the run ended.
@@ -357,7 +367,6 @@ def train_kd(run: KDRunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
     from align_core.trainer.session import Recipe, run_session
     from align_data import CollateConfig
     from align_kd.forward import logits_forward
-    from align_kd.online import OnlineTeacherData
 
     recipe = Recipe(
         algorithm="kd",
@@ -377,6 +386,39 @@ def train_kd(run: KDRunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
             "teacher": "online" if teacher is not None else "offline",
         },
         resume_needs="resume needs the same data, global batch size and teacher source",
-        batch_source=None if teacher is None else (lambda data: OnlineTeacherData(data, teacher)),
+        batch_source=_batch_source(run, teacher, policy, source.tokenizer, train, seq_length),
     )
     return run_session(run, recipe, ctx, sinks)
+
+
+def _batch_source(
+    run: KDRunConfig,
+    teacher: Any,
+    policy: Any,
+    tokenizer: Any,
+    train: Sequence[Any],
+    seq_length: int,
+) -> Any:
+    """The ``Recipe.batch_source`` hook: None (offline), online teacher, or on-policy."""
+    from align_kd.online import OnlineTeacherData
+
+    if teacher is None:
+        return None
+    kd = run.knowledge_distillation
+    if kd.on_policy == 0:
+        return lambda data: OnlineTeacherData(data, teacher)
+    from megatron.core import parallel_state as ps
+
+    from align_core.generation import make_generator
+    from align_kd.on_policy import on_policy_length, on_policy_source
+
+    return on_policy_source(
+        teacher,
+        make_generator(policy, tokenizer, seq_length),
+        fraction=kd.on_policy,
+        seed=run.seed,
+        sampling=kd.on_policy_sampling,
+        length=on_policy_length(kd.on_policy_length, train, seq_length),
+        micro_batch_size=kd.on_policy_micro_batch_size,
+        group=ps.get_data_parallel_group(),
+    )
