@@ -407,9 +407,10 @@ def _batch_source(
     kd = run.knowledge_distillation
     if kd.on_policy == 0:
         return lambda data: OnlineTeacherData(data, teacher)
-    from megatron.core import parallel_state as ps
+    import torch
 
     from align_core.generation import make_generator
+    from align_core.trainer.loop import ParallelGroups
     from align_kd.on_policy import on_policy_length, on_policy_source
 
     return on_policy_source(
@@ -420,5 +421,5 @@ def _batch_source(
         sampling=kd.on_policy_sampling,
         length=on_policy_length(kd.on_policy_length, train, seq_length),
         micro_batch_size=kd.on_policy_micro_batch_size,
-        group=ps.get_data_parallel_group(),
+        group=ParallelGroups.from_megatron(torch.device("cpu")).data,
     )
