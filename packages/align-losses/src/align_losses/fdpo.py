@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align_losses.preference import PreferenceOutput, _check_beta, _log_ratios, _output
-from align_losses.preference_variants import _check_smoothing, _smoothed_sigmoid
+from align_losses.preference import (
+    PreferenceOutput,
+    _check_beta,
+    _log_ratios,
+    _output,
+    _smoothed_sigmoid,
+)
+from align_losses.preference_variants import _check_smoothing
 
 __all__ = ["FDivergence", "fdpo_loss"]
 

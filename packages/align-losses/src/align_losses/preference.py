@@ -67,6 +67,14 @@ def _log_ratios(
     return chosen, rejected
 
 
+def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
+    """``−(1−ε) log σ(x) − ε log σ(−x)``; exactly ``−log σ(x)`` for ε = 0."""
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
+    if label_smoothing:
+        losses = losses - label_smoothing * F.logsigmoid(-logits)
+    return losses
+
+
 def _output(losses: Tensor, chosen: Tensor, rejected: Tensor, beta: float) -> PreferenceOutput:
     return PreferenceOutput(losses, (beta * chosen).detach(), (beta * rejected).detach())
 
@@ -109,10 +117,7 @@ def dpo_loss(
     chosen, rejected = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    logits = beta * (chosen - rejected)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
-    if label_smoothing:
-        losses = losses - label_smoothing * F.logsigmoid(-logits)
+    losses = _smoothed_sigmoid(beta * (chosen - rejected), label_smoothing)
     return _output(losses, chosen, rejected, beta)
 
 

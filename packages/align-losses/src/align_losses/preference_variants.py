@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from align_losses._common import upcast
-from align_losses.preference import PreferenceOutput, _check_beta, _log_ratios, _output
+from align_losses.preference import (
+    PreferenceOutput,
+    _check_beta,
+    _log_ratios,
+    _output,
+    _smoothed_sigmoid,
+)
 
 __all__ = [
     "RewardMean",
@@ -46,14 +52,6 @@ __all__ = [
     "sigmoid_norm_loss",
     "sppo_hard_loss",
 ]
-
-
-def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
-    """``−(1−ε) log σ(x) − ε log σ(−x)``; exactly ``−log σ(x)`` for ε = 0."""
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits)
-    if label_smoothing:
-        losses = losses - label_smoothing * F.logsigmoid(-logits)
-    return losses
 
 
 def _check_smoothing(label_smoothing: float, *, upper: float = 0.5, closed: bool = True) -> None:

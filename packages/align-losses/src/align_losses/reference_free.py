@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from align_losses._common import upcast
-from align_losses.preference import PreferenceOutput, _check_beta
-from align_losses.preference_variants import _check_smoothing, _smoothed_sigmoid
+from align_losses.preference import PreferenceOutput, _check_beta, _smoothed_sigmoid
+from align_losses.preference_variants import _check_smoothing
 
 __all__ = ["alphapo_loss", "cpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
