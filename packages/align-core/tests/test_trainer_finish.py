@@ -18,6 +18,18 @@ class FakeTrainer:
     last_val_metrics: dict = field(default_factory=dict)
     last_checkpoint: str | None = "run/checkpoints/step_000007"
 
+    @property
+    def run_step(self) -> int:
+        return self.state.step
+
+    @property
+    def run_samples(self) -> int:
+        return self.state.consumed_samples
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.state.skipped_steps
+
     def fit(self) -> str:
         if isinstance(self.outcome, Exception):
             raise self.outcome

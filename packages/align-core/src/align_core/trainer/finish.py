@@ -4,17 +4,16 @@
 exports the final policy when the run completed, and hands the `RunResult` to the sinks.
 `export_final` writes ``run_dir/final.nemo`` and/or ``run_dir/final_hf/`` (a Hugging Face
 directory) from the restored (or fresh) model's architecture and tokenizer, as
-`final_formats` decides; the SPIN trainer, whose loop spans several `Trainer` objects, uses it
-directly.
+`final_formats` decides.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from align_core.trainer.loop import NonFiniteError, Trainer
+from align_core.trainer.loop import NonFiniteError
 from align_core.trainer.metrics import MetricsSink
 from align_core.trainer.run import RunResult
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FinalExports",
+    "Fit",
     "export_final",
     "export_final_nemo",
     "final_formats",
@@ -106,8 +106,35 @@ def export_final(
     )
 
 
+class Fit(Protocol):
+    """What `fit_and_finish` runs and reads: a `Trainer`, or a run's stages of trainers."""
+
+    @property
+    def run_step(self) -> int:
+        """Steps done on the run's scale."""
+        ...
+
+    @property
+    def run_samples(self) -> int:
+        """Training examples consumed on the run's scale."""
+        ...
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was skipped."""
+        ...
+
+    last_train_metrics: dict[str, float]
+    last_val_metrics: dict[str, float]
+    last_checkpoint: str | None
+
+    def fit(self) -> str:
+        """Train; returns the stop reason."""
+        ...
+
+
 def trainer_result(
-    trainer: Trainer,
+    trainer: Fit,
     run_dir: str | Path,
     reason: str,
     exports: FinalExports,
@@ -117,9 +144,9 @@ def trainer_result(
     return RunResult(
         run_dir=str(run_dir),
         stop_reason=reason,  # type: ignore[arg-type]
-        steps=trainer.state.step,
-        consumed_samples=trainer.state.consumed_samples,
-        skipped_steps=trainer.state.skipped_steps,
+        steps=trainer.run_step,
+        consumed_samples=trainer.run_samples,
+        skipped_steps=trainer.skipped_steps,
         last_train_metrics=dict(trainer.last_train_metrics),
         last_val_metrics=dict(trainer.last_val_metrics),
         checkpoint=trainer.last_checkpoint,
@@ -130,7 +157,7 @@ def trainer_result(
 
 
 def fit_and_finish(
-    trainer: Trainer,
+    trainer: Fit,
     sinks: Sequence[MetricsSink],
     *,
     run_dir: str | Path,

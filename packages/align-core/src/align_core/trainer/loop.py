@@ -52,6 +52,7 @@ __all__ = [
     "TrainerState",
     "plan_steps",
     "resume_length_note",
+    "stop_flags",
 ]
 
 
@@ -243,6 +244,14 @@ def _limit(limit: float, available: int) -> int:
     return min(available, int(limit))
 
 
+def stop_flags(stop: StopRequest, groups: ParallelGroups) -> tuple[bool, bool]:
+    """``(signalled, time_up)`` agreed by every rank (a MAX all-reduce over the world)."""
+    flags = torch.tensor([float(stop.signalled), float(stop.time_up)], device=groups.device)
+    if groups.world is not None and dist.get_world_size(groups.world) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=groups.world)
+    return bool(flags[0]), bool(flags[1])
+
+
 @dataclass
 class TrainerState:
     """The counters a checkpoint carries.
@@ -345,6 +354,16 @@ class Trainer:
         """Steps done on the run's scale (``step_offset`` + this trainer's steps)."""
         return self.step_offset + self.state.step
 
+    @property
+    def run_samples(self) -> int:
+        """Training examples consumed on the run's scale."""
+        return int(self._run_samples(self.state.consumed_samples))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was skipped (non-finite loss or gradient), run-wide."""
+        return self.state.skipped_steps
+
     def _run_samples(self, consumed_samples: float) -> float:
         return consumed_samples + self.step_offset * self.data.global_batch_size
 
@@ -404,14 +423,6 @@ class Trainer:
         keys = list(received)
         values = torch.stack([received[k].reshape(()) for k in keys]).tolist() if keys else []
         return dict(zip(keys, (float(v) for v in values), strict=True))
-
-    def _stop_flags(self) -> tuple[bool, bool]:
-        flags = torch.tensor(
-            [float(self.stop.signalled), float(self.stop.time_up)], device=self.groups.device
-        )
-        if self.groups.world is not None and dist.get_world_size(self.groups.world) > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.groups.world)
-        return bool(flags[0]), bool(flags[1])
 
     # ----------------------------------------------------------------------------- steps
 
@@ -559,7 +570,7 @@ class Trainer:
             if self.config.val_at_start and plan.val_check_interval:
                 self._validate_and_emit()
             while self.state.step < plan.max_steps:
-                signalled, time_up = self._stop_flags()
+                signalled, time_up = stop_flags(self.stop, self.groups)
                 if signalled or time_up:
                     self.stop_reason = self.stop.stop_reason(signalled)
                     if time_up and plan.val_check_interval:

@@ -1,11 +1,13 @@
 """One training run end to end: `run_session` assembles any algorithm's `Recipe`.
 
 Every run — the DPO family, KTO and SFT (`run_training`, which `align_core.trainer.train`
-delegates to) and distillation (align-kd) — goes through `run_session`: the plan
-(`align_core.trainer.planner.plan_run`), the data, the reference, megatron DDP and optimizer,
-checkpoints, resume, the sinks, fit and the final export. An algorithm brings a `Recipe`: its
-step, forward, examples, what a resume must match, and optional hooks (a batch source wrapping
-the data, a reference built once the steps are planned, work before the export).
+delegates to), distillation (align-kd) and SPIN (`align_core.trainer.spin_session`) — goes
+through `run_session`: the plan (`align_core.trainer.planner.plan_run`), the data, the
+reference, megatron DDP and optimizer, checkpoints, resume, the sinks, fit and the final export.
+An algorithm brings a `Recipe`: its step, forward, examples, what a resume must match, and
+optional hooks (a batch source wrapping the data, a reference built once the steps are planned,
+work before the export, and an outer loop of `Stage` objects — SPIN's iterations — each run by
+its own `Trainer` on the run's step scale).
 
 Order matters for the reference policy: the policy is built with its initial weights, the
 reference is captured from them (snapshot, second model, or the precompute pass), and only then
@@ -47,6 +49,7 @@ from align_core.trainer.build import (
     reference_merge,
     resolve_model_source,
 )
+from align_core.trainer.config import TrainerConfig
 from align_core.trainer.data import TrainData
 from align_core.trainer.finish import FinalExports, export_final, final_formats, fit_and_finish
 from align_core.trainer.loop import (
@@ -54,7 +57,9 @@ from align_core.trainer.loop import (
     ParallelGroups,
     StepPlan,
     Trainer,
+    TrainerState,
     resume_length_note,
+    stop_flags,
 )
 from align_core.trainer.metrics import MetricsSink, announce, shows_status
 from align_core.trainer.planner import PlannedRun, plan_run
@@ -65,7 +70,10 @@ from align_data import CollateConfig
 __all__ = [
     "Recipe",
     "ReferenceHook",
+    "Session",
     "SessionConfig",
+    "Stage",
+    "StageLoop",
     "check_run_config",
     "run_session",
     "run_training",
@@ -180,6 +188,73 @@ def _build_reference(
 
 
 @dataclass
+class Stage:
+    """One `Trainer`'s share of a run: the whole run, or one of SPIN's iterations.
+
+    Attributes:
+        step: The algorithm step the stage trains with.
+        train: Its training examples.
+        seed: Seed of its data order.
+        start_step: Run steps done before it (the trainer's ``step_offset``).
+        steps_per_epoch: Global batches per epoch of ``train`` (None: the run plan's).
+        trainer: Its loop settings; None: the run's ``trainer`` section.
+        reference: Its reference policy; None: the recipe's (if any).
+        metric_fields: Added to every metrics dict it reports (SPIN: ``iteration``).
+        trainer_state: Added to the trainer state of each checkpoint it saves.
+        extra_state: Added to the extra state of each checkpoint it saves.
+    """
+
+    step: AlgorithmStep
+    train: Sequence[Any]
+    seed: int
+    start_step: int = 0
+    steps_per_epoch: int | None = None
+    trainer: TrainerConfig | None = None
+    reference: ReferencePolicy | None = None
+    metric_fields: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    trainer_state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extra_state: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Session:
+    """What a recipe's ``stages`` loop works with: the assembled, resumed run.
+
+    Attributes:
+        model: The DDP-wrapped policy.
+        optimizer: Megatron's optimizer (a rollout may offload its state).
+        groups: The run's process groups.
+        resumed_step: The run step of the checkpoint resumed from (None: a fresh run).
+        stop_reason: Set by `should_stop` once the ranks agreed to stop.
+    """
+
+    def __init__(
+        self, model: Any, optimizer: Any, groups: ParallelGroups, stop: StopRequest
+    ) -> None:
+        """Hold the pieces; ``resumed_step`` is set once a checkpoint is loaded."""
+        self.model = model
+        self.optimizer = optimizer
+        self.groups = groups
+        self.stop = stop
+        self.resumed_step: int | None = None
+        self.stop_reason: str | None = None
+
+    def should_stop(self) -> bool:
+        """Whether SIGTERM/SIGINT or the time limit asks the run to stop (collective)."""
+        signalled, time_up = stop_flags(self.stop, self.groups)
+        if signalled or time_up:
+            self.stop_reason = self.stop.stop_reason(signalled)
+        return self.stop_reason is not None
+
+
+StageLoop = Callable[[Session], Iterator[Stage]]
+"""``session -> stages``: an outer loop yielding one `Stage` at a time (SPIN's iterations).
+
+It starts at the stage holding ``session.resumed_step``, may do work between stages
+(generation), and ends early, after `Session.should_stop`, when the run is asked to stop.
+"""
+
+
+@dataclass
 class Recipe:
     """What one algorithm brings to a run; `run_session` assembles everything else.
 
@@ -187,7 +262,7 @@ class Recipe:
         algorithm: The ``align run`` command (the plan's and the sinks' name).
         source: Where the initial policy came from (architecture, tokenizer, export).
         policy: This rank's model chunk with its initial weights (LoRA added, if any).
-        step: The algorithm step the loop runs.
+        step: The algorithm step the loop runs (None with ``stages``: each brings its own).
         train: Tokenized training examples.
         val: Tokenized validation examples (may be empty).
         forward_fn: Per-micro-batch forward (token log-probs, or logits for distillation).
@@ -206,12 +281,17 @@ class Recipe:
             ``interval`` steps (TR-DPO, `align_core.reference` ``refresh``); its weights are
             then saved with each checkpoint. None: the reference stays the initial policy.
         before_export: Runs before the final export (merging LoRA into the weights).
+        stages: An outer loop of stages, one `Trainer` each (SPIN's iterations); None: one
+            stage over ``train``.
+        steps: The run's step accounting when ``stages`` plans its own; None: `plan_run`'s.
+        extra_models: Further models saved and loaded with each checkpoint (SPIN's opponent).
+        on_validate: ``run_step -> metrics`` added to each validation (SPIN's generations).
     """
 
     algorithm: str
     source: ModelSource
     policy: Any
-    step: AlgorithmStep
+    step: AlgorithmStep | None
     train: Sequence[Any]
     val: Sequence[Any]
     forward_fn: ForwardFn
@@ -225,12 +305,71 @@ class Recipe:
     reference_strategy: str = "none"
     reference_update: tuple[float, int] | None = None
     before_export: Callable[[], None] | None = None
+    stages: StageLoop | None = None
+    steps: StepPlan | None = None
+    extra_models: Callable[[], dict[str, Any]] | None = None
+    on_validate: Callable[[int], Mapping[str, float]] | None = None
 
 
 ReferenceHook = Callable[
     [TrainData, StepPlan, ParallelGroups, Sequence[MetricsSink]], ReferencePolicy
 ]
 """``(data, steps, groups, sinks) -> reference``: see `Recipe.reference`."""
+
+
+class _Stages:
+    """A recipe's stages run one `Trainer` after another; `fit_and_finish` reads it as one.
+
+    Counters and the last metrics carry over from stage to stage (and from the checkpoint
+    resumed from); a stage starting where the last checkpoint was written does not write it
+    again.
+    """
+
+    def __init__(
+        self,
+        loop: Iterator[Stage],
+        trainer_for: Callable[[Stage], Trainer],
+        session: Session,
+        resumed: Mapping[str, Any] | None,
+        checkpoint: str | None,
+    ) -> None:
+        self.loop = loop
+        self.trainer_for = trainer_for
+        self.session = session
+        self.resumed = resumed
+        self.run_step = int(resumed["step"]) if resumed else 0
+        self.run_samples = int(resumed["consumed_samples"]) if resumed else 0
+        self.skipped_steps = int(resumed.get("skipped_steps", 0)) if resumed else 0
+        self.last_train_metrics: dict[str, float] = {}
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_checkpoint = checkpoint
+
+    def fit(self) -> str:
+        """Run the stages in turn; the stop reason of the last (``completed`` when all ran)."""
+        reason = "completed"
+        for stage in self.loop:
+            trainer = self.trainer_for(stage)
+            resumed, self.resumed = self.resumed, None  # the first stage continues the checkpoint
+            if resumed is not None:
+                trainer.load_state_dict(resumed)
+            else:
+                trainer.state = TrainerState(skipped_steps=self.skipped_steps)
+            if self.last_checkpoint is not None and trainer.run_step == self.run_step:
+                trainer.mark_saved(self.last_checkpoint)
+            try:
+                reason = trainer.fit()
+            finally:
+                self._take(trainer)
+            if reason != "completed":
+                return reason
+        return self.session.stop_reason or reason
+
+    def _take(self, trainer: Trainer) -> None:
+        self.run_step, self.run_samples = trainer.run_step, trainer.run_samples
+        self.skipped_steps = trainer.state.skipped_steps
+        self.last_train_metrics = trainer.last_train_metrics or self.last_train_metrics
+        self.last_val_metrics = trainer.last_val_metrics or self.last_val_metrics
+        self.last_checkpoint = trainer.last_checkpoint
 
 
 def run_session(
@@ -264,28 +403,48 @@ def run_session(
         train_samples=len(recipe.train),
         val_samples=len(recipe.val),
         reference_strategy=recipe.reference_strategy,
+        steps=recipe.steps,
     )
     steps = plan.steps
-    data = TrainData(
-        recipe.train,
-        recipe.val,
-        recipe.step,
-        recipe.collate,
-        micro_batch_size=run.data.micro_batch_size,
-        global_batch_size=run.data.global_batch_size,
-        data_parallel_rank=ctx.data_rank,
-        data_parallel_size=ctx.data_parallel_size,
-        seed=run.data.seed,
-        shuffle=run.data.shuffle,
-        per_epoch_cache_rows=recipe.per_epoch_cache_rows,
-        pack_capacity=recipe.pack_capacity,
-        epoch_batches=steps.steps_per_epoch,
+
+    def stage_data(stage: Stage) -> TrainData:
+        return TrainData(
+            stage.train,
+            recipe.val,
+            stage.step,
+            recipe.collate,
+            micro_batch_size=run.data.micro_batch_size,
+            global_batch_size=run.data.global_batch_size,
+            data_parallel_rank=ctx.data_rank,
+            data_parallel_size=ctx.data_parallel_size,
+            seed=stage.seed,
+            shuffle=run.data.shuffle,
+            per_epoch_cache_rows=recipe.per_epoch_cache_rows,
+            pack_capacity=recipe.pack_capacity,
+            epoch_batches=stage.steps_per_epoch or steps.steps_per_epoch,
+        )
+
+    def batch_source(data: TrainData) -> BatchSource:
+        return data if recipe.batch_source is None else recipe.batch_source(data)
+
+    single, source = None, None
+    if recipe.stages is None:
+        if recipe.step is None:
+            raise ValueError(f"the {recipe.algorithm} recipe has neither a step nor stages")
+        single = Stage(recipe.step, recipe.train, seed=run.data.seed)
+        data = stage_data(single)
+        source = batch_source(data)
+        if recipe.reference is not None:
+            single.reference = recipe.reference(data, steps, groups, sinks)
+    on_step_end, updated_models = _reference_updates(
+        single.reference if single else None, recipe.reference_update
     )
-    source: BatchSource = data if recipe.batch_source is None else recipe.batch_source(data)
-    reference = None
-    if recipe.reference is not None:
-        reference = recipe.reference(data, steps, groups, sinks)
-    on_step_end, extra_models = _reference_updates(reference, recipe.reference_update)
+
+    def extra_models() -> dict[str, Any] | None:
+        models = dict(updated_models() or {})
+        if recipe.extra_models is not None:
+            models.update(recipe.extra_models())
+        return models or None
 
     model = wrap_ddp(recipe.policy)
     optimizer = build_optimizer(model, run.optim, clip_grad=run.trainer.gradient_clip_val)
@@ -299,39 +458,50 @@ def run_session(
         for k, v in dataclasses.asdict(recipe.source.model).items()
         if v is None or isinstance(v, (bool, int, float, str))
     }
+    stop = StopRequest(parse_max_time(run.trainer.max_time))
+    session = Session(model, optimizer, groups, stop)
 
-    def save(step: int, trainer_state: dict[str, Any]) -> str:
-        path = checkpointer.save(
-            step,
-            model,
-            optimizer,
-            trainer_state=trainer_state,
-            extra_state={
-                "data": data_state,
-                "plan": {"max_steps": steps.max_steps},
-                "model": model_summary,
-            },
-            extra_models=extra_models(),
+    def trainer_for(stage: Stage, source: BatchSource | None = None) -> Trainer:
+        def save(step: int, trainer_state: dict[str, Any]) -> str:
+            path = checkpointer.save(
+                step,
+                model,
+                optimizer,
+                trainer_state={**trainer_state, **stage.trainer_state},
+                extra_state={
+                    "data": data_state,
+                    "plan": {"max_steps": steps.max_steps},
+                    "model": model_summary,
+                    **stage.extra_state,
+                },
+                extra_models=extra_models(),
+            )
+            return str(path)
+
+        return Trainer(
+            config=stage.trainer or run.trainer,
+            algorithm=stage.step,
+            model=model,
+            optimizer=optimizer,
+            data=source or batch_source(stage_data(stage)),
+            forward_fn=recipe.forward_fn,
+            learning_rate=lambda step: learning_rate(
+                step, lr=run.optim.lr, schedule=run.sched, total_steps=steps.max_steps
+            ),
+            groups=groups,
+            reference=stage.reference,
+            save=save,
+            sinks=sinks,
+            stop=stop,
+            step_offset=stage.start_step,
+            metric_fields=stage.metric_fields,
+            on_validate=recipe.on_validate,
+            on_step_end=on_step_end,
         )
-        return str(path)
 
-    trainer = Trainer(
-        config=run.trainer,
-        algorithm=recipe.step,
-        model=model,
-        optimizer=optimizer,
-        data=source,
-        forward_fn=recipe.forward_fn,
-        learning_rate=lambda step: learning_rate(
-            step, lr=run.optim.lr, schedule=run.sched, total_steps=steps.max_steps
-        ),
-        groups=groups,
-        reference=reference,
-        save=save,
-        sinks=sinks,
-        stop=StopRequest(parse_max_time(run.trainer.max_time)),
-        on_step_end=on_step_end,
-    )
+    trainer = trainer_for(single, source) if single is not None else None
+    resumed: dict[str, Any] | None = None
+    checkpoint: str | None = None
     if run.resume:
         loaded = checkpointer.load(model, optimizer, extra_models=extra_models())
         if loaded is not None:
@@ -341,19 +511,21 @@ def run_session(
                 loaded.path,
                 needs=recipe.resume_needs,
             )
-            trainer.load_state_dict(loaded.trainer_state)
-            trainer.mark_saved(str(loaded.path))
-            plan = dataclasses.replace(
-                plan,
-                start_step=trainer.state.step,
-                resumed_from=str(loaded.path),
-                resume_note=resume_length_note(
+            resumed, checkpoint = dict(loaded.trainer_state), str(loaded.path)
+            session.resumed_step = int(resumed["step"])
+            note = None
+            if trainer is not None:
+                trainer.load_state_dict(resumed)
+                trainer.mark_saved(checkpoint)
+                note = resume_length_note(
                     loaded.extra_state.get("plan", {}).get("max_steps"),
                     run.trainer,
                     steps,
                     start_step=trainer.state.step,
                     prefix=f"trainer.{get_algorithm(recipe.algorithm).section}",
-                ),
+                )
+            plan = dataclasses.replace(
+                plan, start_step=session.resumed_step, resumed_from=checkpoint, resume_note=note
             )
     for sink in sinks:
         sink.start(plan)
@@ -365,6 +537,20 @@ def run_session(
             recipe.before_export()
         return export_final(model, run_dir, recipe.source, nemo=nemo, hf=hf)
 
+    if trainer is None:
+        assert recipe.stages is not None
+        stop.install()
+        staged = _Stages(recipe.stages(session), trainer_for, session, resumed, checkpoint)
+        try:
+            return fit_and_finish(
+                staged,
+                sinks,
+                run_dir=run_dir,
+                reference_strategy=recipe.reference_strategy,
+                export=export if nemo or hf else None,
+            )
+        finally:
+            stop.restore()
     return fit_and_finish(
         trainer,
         sinks,

@@ -58,6 +58,8 @@ class StopRequest:
 
     Install with `install` (main thread only; elsewhere signals cannot be caught and only the
     time limit applies) and remove with `restore`, which puts the previous handler back.
+    Installs nest: a run installing it around several loops that install it themselves keeps
+    its handlers until the outermost `restore`.
     """
 
     def __init__(self, max_time_s: float | None = None) -> None:
@@ -71,16 +73,21 @@ class StopRequest:
         self.signal: int | None = None
         self._interrupted_at: float | None = None
         self._previous: dict[int, object] = {}
+        self._depth = 0
 
     def install(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Catch ``signals`` (SIGTERM and SIGINT by default) by setting the flag."""
-        if threading.current_thread() is not threading.main_thread():
+        self._depth += 1
+        if self._depth > 1 or threading.current_thread() is not threading.main_thread():
             return
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
-        """Put the previous handlers back."""
+        """Put the previous handlers back (at the outermost of nested installs)."""
+        self._depth = max(self._depth - 1, 0)
+        if self._depth:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()

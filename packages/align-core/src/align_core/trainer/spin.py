@@ -46,7 +46,7 @@ from align_core.algorithms.spin import SPINConfig
 from align_core.config import ModelConfig, ParallelConfig
 from align_core.optim import OptimizerConfig, SchedulerConfig
 from align_core.trainer.config import ReferenceConfig, TrainerConfig
-from align_core.trainer.loop import plan_steps
+from align_core.trainer.loop import StepPlan, plan_steps
 from align_core.trainer.metrics import MetricsSink
 from align_core.trainer.run import DataConfig, RunResult
 
@@ -57,6 +57,7 @@ __all__ = [
     "SPINTrainerConfig",
     "plan_iterations",
     "resolve_opponent_strategy",
+    "spin_steps",
     "train_spin",
     "trainer_config",
 ]
@@ -190,6 +191,40 @@ def plan_iterations(
         )
         start += steps
     return plans
+
+
+def spin_steps(
+    cfg: SPINTrainerConfig,
+    *,
+    prompts: int,
+    global_batch_size: int,
+    val_batches: int,
+    train_on_previous_iteration: bool,
+) -> tuple[list[IterationPlan], StepPlan]:
+    """The iterations (`plan_iterations`) and the run's step accounting over all of them.
+
+    The `StepPlan` has one iteration's epoch length and validation/save intervals (as the
+    first iteration counts them) and ``max_steps`` over every iteration: what the run plan
+    reports, the learning-rate schedule spans and the dry run prints.
+
+    Raises:
+        ValueError: See `plan_iterations`.
+    """
+    iterations = plan_iterations(
+        cfg,
+        prompts=prompts,
+        global_batch_size=global_batch_size,
+        val_batches=val_batches,
+        train_on_previous_iteration=train_on_previous_iteration,
+    )
+    steps = plan_steps(
+        trainer_config(cfg, max_steps=-1),
+        train_samples=prompts,
+        global_batch_size=global_batch_size,
+        val_batches=val_batches,
+    )
+    total = iterations[-1].end_step if iterations else 0
+    return iterations, dataclasses.replace(steps, max_steps=total)
 
 
 def resolve_opponent_strategy(config: ReferenceConfig) -> OpponentStrategy:
