@@ -334,3 +334,19 @@ def test_the_nonfinite_message_quotes_the_logged_loss(dist_ctx):
     logged = step.finalize_metrics(sums)["loss"]
     assert math.isfinite(logged) and sums["loss"] != pytest.approx(logged)  # a sum, not a mean
     assert f"loss={logged}," in str(err.value)
+
+
+def test_nested_installs_keep_the_handler_until_the_outermost_restore():
+    """A run installs the stop request around trainers that install it themselves (SPIN)."""
+    import signal
+
+    from align_core.trainer.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest()
+    stop.install()
+    stop.install()
+    stop.restore()  # the inner trainer's fit ends
+    assert signal.getsignal(signal.SIGTERM) == stop._handle
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before
