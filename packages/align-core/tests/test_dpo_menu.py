@@ -142,10 +142,56 @@ def test_policy_equal_to_reference_gives_each_objectives_constant() -> None:
         ({"preference_loss": "dpo", "gamma": 0.5}, "model.dpo.gamma applies to none"),
         ({"preference_loss": ("dpo", "sft"), "preference_loss_weights": (1.0,)}, "1 weights"),
         ({"preference_loss": "ipoo"}, "did you mean 'ipo'"),
-        ({"preference_loss": "bco_pair"}, "running mean"),
         ({"ld_alpha": 1.5}, "ld_alpha"),
     ],
 )
 def test_settings_that_cannot_apply_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DPOConfig(**kwargs)
+
+
+def test_bco_pair_shifts_by_the_running_mean_of_every_training_reward_so_far() -> None:
+    """δ after each training micro-batch is the mean of all rewards seen (this micro-batch
+    included, TRL's order); validation (no grad) reads δ without moving it; the MPO mixture
+    ``0.8·dpo + 0.2·bco_pair`` is the weighted sum of the two formulas."""
+    b, beta = 2, 0.5
+    cfg = DPOConfig(
+        preference_loss=("dpo", "bco_pair"),
+        preference_loss_weights=(0.8, 0.2),
+        ref_policy_kl_penalty=beta,
+    )
+    step = DPOStep(cfg)
+    seen: list[torch.Tensor] = []
+    for seed in (7, 8):
+        batch, tl, mask = _batch(2 * b, seed=seed)
+        loss, _ = step.loss_fn(torch.tensor(float(b)))(batch, tl)
+        logps = (tl * mask).sum(-1)
+        rewards = beta * (logps - batch["ref_logps"])
+        seen.append(rewards.detach())
+        delta = torch.cat(seen).mean()
+        a = rewards[:b]
+        r = rewards[b:]
+        dpo = -F.logsigmoid(a - r)
+        bco = -F.logsigmoid(a - delta) - F.logsigmoid(-(r - delta))
+        torch.testing.assert_close(loss, (0.8 * dpo + 0.2 * bco).sum() / b)
+    saved = step.state_dict()
+    assert saved["reward_mean"]["mean"] == pytest.approx(float(torch.cat(seen).mean()))
+    assert saved["reward_mean"]["count"] == 4 * b
+    with torch.no_grad():
+        batch, tl, _ = _batch(2 * b, seed=9)
+        step.loss_fn(torch.tensor(float(b)))(batch, tl)
+    assert step.state_dict() == saved
+    fresh = DPOStep(cfg)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == saved
+
+
+def test_bco_pair_starts_at_two_ln2() -> None:
+    """Policy = reference: every reward and δ are 0, so ℓ = 2 ln 2 per pair."""
+    from align_core.algorithms._common import segment_sums
+
+    batch, tl, _ = _batch(4, seed=10)
+    batch["ref_logps"] = segment_sums(tl, batch["segment_ids"], 4).detach()
+    step = DPOStep(DPOConfig(preference_loss="bco_pair"))
+    loss, _ = step.loss_fn(torch.tensor(2.0))(batch, tl)
+    assert float(loss) == pytest.approx(2 * math.log(2), abs=1e-12)

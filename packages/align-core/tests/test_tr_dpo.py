@@ -74,3 +74,34 @@ def test_update_settings_are_checked():
         ReferenceConfig(update_alpha=0.0)
     with pytest.raises(ValueError, match="update_interval"):
         ReferenceConfig(update_alpha=0.5, update_interval=0)
+
+
+def test_bco_pairs_reward_mean_is_checkpointed_and_resumes_exactly(dist_ctx, tmp_path):
+    """``bco_pair`` keeps δ across steps: a run resumed at step 2 reproduces steps 3 and 4 of
+    the uninterrupted run only if δ came back with the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from align_core.algorithms import DPOConfig
+
+    def run(run_dir):
+        sink = InMemorySink()
+        config = T.run_config(run_dir, trainer=STEPS)
+        config.dpo = DPOConfig(preference_loss="bco_pair", ref_policy_kl_penalty=0.5)
+        train(config, sinks=[sink])
+        return sink
+
+    whole = run(tmp_path / "whole")
+    assert whole.series("loss")[0] == pytest.approx(2 * math.log(2), abs=1e-6)
+    step_2 = tmp_path / "whole" / "checkpoints" / "step_000002"
+    state = dist_checkpointing.load_common_state_dict(str(step_2))["common"]["trainer_state"]
+    assert state["algorithm"]["reward_mean"]["count"] == 2 * 2 * 8  # 2 steps × 8 pairs × 2
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole", resumed_dir)
+    checkpoints = resumed_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000004")
+    for pointer in checkpoints.glob("latest*"):
+        pointer.write_text("step_000002\n")
+    (resumed_dir / "final.nemo").unlink(missing_ok=True)
+    resumed = run(resumed_dir)
+    assert resumed.series("loss") == pytest.approx(whole.series("loss")[2:], rel=1e-6)

@@ -12,14 +12,14 @@ builds, and the rest of its facts, is `align_core.algorithms.registry`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from align_core.schedule import LossFn
 from align_data.collate import CollateConfig
 
-__all__ = ["IGNORE_INDEX", "AlgorithmStep", "ModelBatch"]
+__all__ = ["IGNORE_INDEX", "AlgorithmStep", "ModelBatch", "StatefulStep"]
 
 IGNORE_INDEX = -100
 """The label of a position whose prediction is not scored."""
@@ -31,16 +31,27 @@ ModelBatch = dict[str, Tensor]
 class AlgorithmStep(Protocol):
     """What the trainer needs from an algorithm (DPO family, KTO, SFT).
 
-    Attributes:
-        name: ``"dpo"``, ``"kto"`` or ``"sft"``.
-        needs_reference: Whether the loss uses reference log-probs.
-        ref_shape: Per-example width of the reference log-probs (2 for a pair, 2 for a KTO
-            sample and its KL sample, 0 without a reference).
+    ``name``, ``needs_reference`` and ``ref_shape`` are read-only: a step may provide them as
+    plain or frozen-dataclass attributes, class attributes or properties.
     """
 
-    name: str
-    needs_reference: bool
-    ref_shape: int
+    @property
+    def name(self) -> str:
+        """``"dpo"``, ``"kto"`` or ``"sft"``."""
+        ...
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss uses reference log-probs."""
+        ...
+
+    @property
+    def ref_shape(self) -> int:
+        """Per-example width of the reference log-probs.
+
+        2 for a pair, 2 for a KTO sample and its KL sample, 0 without a reference.
+        """
+        ...
 
     def build_micro_batch(self, examples: Sequence[Any], collate: CollateConfig) -> ModelBatch:
         """Collate tokenized examples (align-data) into one padded model batch."""
@@ -67,4 +78,21 @@ class AlgorithmStep(Protocol):
 
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Turn metric sums reduced over the global batch into the logged metrics."""
+        ...
+
+
+@runtime_checkable
+class StatefulStep(Protocol):
+    """A step that carries state across optimizer steps (``bco_pair``'s reward mean).
+
+    The trainer saves ``state_dict()`` with each checkpoint (``trainer_state["algorithm"]``)
+    and hands it back to ``load_state_dict`` on resume. Plain values only.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
         ...

@@ -16,6 +16,12 @@ Forward layout. Chosen and rejected sequences go through the model in one batch:
 sequences share a row. Either way sequence ``i < b`` is the chosen response of pair ``i`` and
 sequence ``b + i`` its rejected response (``segment_ids``).
 
+``bco_pair`` (alone or in a combination) shifts the rewards by their running mean δ, which the
+step keeps (`BCORewardMean`): folded micro-batch by micro-batch during training over the
+data-parallel group (TRL's order: a micro-batch's own rewards are part of its δ, so this one
+objective depends on the micro-batch size), read without folding by forward-only passes
+(validation), and saved with every checkpoint through the step's ``state_dict``.
+
 Logged rewards are the implicit rewards ``β·(π − π_ref)`` that `align_losses` returns (the DPO
 paper's convention, which NeMo-Aligner's documentation also states, though its code logged the
 unscaled log-ratio); ``acc`` is the fraction of pairs with chosen reward > rejected reward.
@@ -25,9 +31,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from align_core.algorithms._common import (
@@ -44,7 +52,14 @@ from align_data.collate import CollateConfig, collate_preference
 from align_data.packing import collate_packed_preference
 from align_data.tokenize import PreferenceExample
 
-__all__ = ["DPOConfig", "DPOStep", "PreferenceLoss", "dpo_loss_and_metrics", "dpo_model_batch"]
+__all__ = [
+    "BCORewardMean",
+    "DPOConfig",
+    "DPOStep",
+    "PreferenceLoss",
+    "dpo_loss_and_metrics",
+    "dpo_model_batch",
+]
 
 PreferenceLoss = str
 """A name of `align_losses.PREFERENCE_LOSSES` (``dpo``, ``ipo``, ``rpo_bwd_kl``, ``hinge``,
@@ -135,12 +150,6 @@ class DPOConfig:
             raise ValueError(
                 f"model.dpo.preference_loss: {exc}{_suggestion(self.losses)}"
             ) from None
-        if "bco_pair" in self.losses:
-            raise ValueError(
-                "model.dpo.preference_loss: bco_pair keeps a running mean of the rewards across "
-                "steps, which the trainer does not carry or checkpoint; use "
-                "align_losses.bco_pair_loss in your own loop"
-            )
         if self.preference_loss_weight == 0 and self.sft_loss_weight == 0:
             raise ValueError("model.dpo: preference_loss_weight and sft_loss_weight are both 0")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -214,6 +223,52 @@ def _suggestion(names: Sequence[str]) -> str:
     return ""
 
 
+class BCORewardMean:
+    """``bco_pair``'s running reward mean δ, kept across steps and checkpoints.
+
+    Attributes:
+        group: The data-parallel group the rewards are pooled over (None: unsplit).
+        state: The running mean and its count (None before the first training micro-batch).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        """Start with no rewards seen (δ = 0)."""
+        self.group = group
+        self.state: Any = None
+
+    def delta(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+        """δ for this micro-batch: folded with its rewards when training, as is otherwise.
+
+        A forward-only pass (``torch.no_grad``: validation) must not move δ.
+        """
+        from align_losses import bco_reward_mean
+
+        if torch.is_grad_enabled():
+            self.state = bco_reward_mean(
+                self.state, chosen_rewards, rejected_rewards, group=self.group
+            )
+        if self.state is None:
+            return chosen_rewards.new_zeros(())
+        return self.state.mean.to(chosen_rewards.device)
+
+    def state_dict(self) -> dict[str, float]:
+        """δ and its count as plain floats (empty before the first update)."""
+        if self.state is None:
+            return {}
+        return {"mean": float(self.state.mean), "count": float(self.state.count)}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        """Restore what `state_dict` saved."""
+        from align_losses import RewardMean
+
+        self.state = None
+        if state:
+            self.state = RewardMean(
+                torch.tensor(state["mean"], dtype=torch.float64),
+                torch.tensor(state["count"], dtype=torch.float64),
+            )
+
+
 def dpo_model_batch(batch: PreferenceBatch) -> ModelBatch:
     """The model batch of a collated preference batch (chosen rows first, then rejected)."""
     out = padded_model_batch(batch.input_ids, batch.labels, batch.position_ids, batch.lengths)
@@ -239,7 +294,13 @@ def _policy_logps(
 
 
 def _preference_output(
-    cfg: DPOConfig, policy: Tensor, ref: Tensor | None, lengths: Tensor, batch, b: int
+    cfg: DPOConfig,
+    policy: Tensor,
+    ref: Tensor | None,
+    lengths: Tensor,
+    batch,
+    b: int,
+    reward_mean: BCORewardMean | None,
 ):
     """The selected objective(s) over the pairs of one micro-batch."""
     from align_losses import preference_loss, wpo_weights
@@ -255,6 +316,9 @@ def _preference_output(
             inputs[key] = batch[key]
     if ref is not None:
         inputs.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
+    if reward_mean is not None and ref is not None:
+        rewards = cfg.ref_policy_kl_penalty * (policy - ref).detach()
+        inputs["reward_mean"] = reward_mean.delta(rewards[:b], rewards[b:])
     pair_weights = None
     if cfg.wpo:
         pair_weights = wpo_weights(policy[:b], policy[b:], lengths[:b], lengths[b:])
@@ -269,7 +333,12 @@ def _preference_output(
 
 
 def dpo_loss_and_metrics(
-    cfg: DPOConfig, normalizer: Tensor, batch: Mapping[str, Tensor], token_logps: Tensor
+    cfg: DPOConfig,
+    normalizer: Tensor,
+    batch: Mapping[str, Tensor],
+    token_logps: Tensor,
+    *,
+    reward_mean: BCORewardMean | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch of pairs (the `align_core.schedule` loss contract).
 
@@ -279,6 +348,7 @@ def dpo_loss_and_metrics(
         batch: The model batch (``segment_ids``, ``seq_token_counts``, ``ref_logps``, and the
             ground-truth rewards for RPO).
         token_logps: ``[R, S]`` policy token log-probs from the forward.
+        reward_mean: ``bco_pair``'s running reward mean (required when it is selected).
 
     Returns:
         ``Σ per-pair loss / normalizer`` and detached metric *sums* over the micro-batch's pairs
@@ -298,7 +368,7 @@ def dpo_loss_and_metrics(
         lengths = torch.ones_like(denom)
     else:
         pol_p, ref_p, lengths = policy, ref, denom
-    out = _preference_output(cfg, pol_p, ref_p, lengths, batch, b)
+    out = _preference_output(cfg, pol_p, ref_p, lengths, batch, b, reward_mean)
     per_pair = cfg.preference_loss_weight * out.losses
     sft = -(policy[:b] / denom[:b] if cfg.sft_average else policy[:b])
     if cfg.sft_loss_weight:
@@ -322,13 +392,32 @@ class DPOStep:
 
     Attributes:
         config: DPO settings.
+        group: The data-parallel group (``bco_pair`` pools its reward mean over it).
         name: ``"dpo"``.
         ref_shape: 2 (chosen and rejected reference log-prob sums per pair).
+        reward_mean: ``bco_pair``'s running reward mean (None when it is not selected).
     """
 
     config: DPOConfig
+    group: dist.ProcessGroup | None = None
     name: str = "dpo"
     ref_shape: int = 2
+    reward_mean: BCORewardMean | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if "bco_pair" in self.config.losses:
+            object.__setattr__(self, "reward_mean", BCORewardMean(self.group))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the step: ``bco_pair``'s reward mean (else nothing)."""
+        if self.reward_mean is None:
+            return {}
+        return {"reward_mean": self.reward_mean.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+        if self.reward_mean is not None:
+            self.reward_mean.load_state_dict(state.get("reward_mean", {}))
 
     @property
     def needs_reference(self) -> bool:
@@ -347,6 +436,8 @@ class DPOStep:
         """Pack ``examples`` (each pair's two sequences in one row) into one model batch."""
         packed = collate_packed_preference(examples, collate, capacity=capacity)
         out = packed_model_batch(packed)
+        # collate_packed_preference always sets the rewards (None only for unpaired data).
+        assert packed.chosen_rewards is not None and packed.rejected_rewards is not None
         out["chosen_gt_rewards"] = packed.chosen_rewards
         out["rejected_gt_rewards"] = packed.rejected_rewards
         out["sample_index"] = packed.sample_indices
@@ -358,7 +449,9 @@ class DPOStep:
 
     def loss_fn(self, normalizer: Tensor) -> LossFn:
         """The micro-batch loss with ``normalizer`` bound."""
-        return functools.partial(dpo_loss_and_metrics, self.config, normalizer)
+        return functools.partial(
+            dpo_loss_and_metrics, self.config, normalizer, reward_mean=self.reward_mean
+        )
 
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         """Means over the global batch's pairs, and ``rewards_margin``."""

@@ -153,10 +153,10 @@ class AlgorithmSpec:
         return self.step_factory(config, group)
 
 
-def _dpo_step(config: Any, _group: Any) -> AlgorithmStep:
+def _dpo_step(config: Any, group: Any) -> AlgorithmStep:
     from align_core.algorithms.dpo import DPOStep
 
-    return DPOStep(config)
+    return DPOStep(config, group)
 
 
 def _kto_step(config: Any, group: Any) -> AlgorithmStep:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from align_core.algorithms._common import sum_metrics
-from align_core.algorithms.contract import AlgorithmStep, ModelBatch
+from align_core.algorithms.contract import AlgorithmStep, ModelBatch, StatefulStep
 from align_core.device import module_device, to_device
 from align_core.reference import ReferencePolicy
 from align_core.schedule import ForwardFn, broadcast_from_last_stage, forward_backward
@@ -368,7 +368,7 @@ class Trainer:
         return consumed_samples + self.step_offset * self.data.global_batch_size
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters (on the run's scale) and reference identity, for the checkpoint."""
+        """Counters (on the run's scale), reference identity and step state, for the checkpoint."""
         out: dict[str, Any] = {
             "step": self.run_step,
             "consumed_samples": int(self._run_samples(self.state.consumed_samples)),
@@ -377,6 +377,8 @@ class Trainer:
         }
         if self.reference is not None:
             out["reference"] = self.reference.state()
+        if isinstance(self.algorithm, StatefulStep):
+            out["algorithm"] = self.algorithm.state_dict()
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -391,6 +393,8 @@ class Trainer:
                 f"the checkpoint was trained with reference strategy {saved!r}, this run "
                 f"resolves to {self.reference.strategy!r}; set model.reference.strategy to match"
             )
+        if isinstance(self.algorithm, StatefulStep):
+            self.algorithm.load_state_dict(state.get("algorithm") or {})
         self.state = TrainerState(
             step=int(state["step"]) - self.step_offset,
             consumed_samples=int(state["consumed_samples"])
