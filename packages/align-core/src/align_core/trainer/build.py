@@ -23,7 +23,7 @@ from align_core.config import ModelConfig, ParallelConfig
 if TYPE_CHECKING:
     from align_core.nemo import TokenizerSpec
     from align_core.trainer.run import RunConfig
-    from align_data import Tokenizer
+    from align_data import TokenizedDataset, Tokenizer
 
 __all__ = [
     "Datasets",
@@ -238,7 +238,7 @@ def load_datasets(
         "validation": data_dir / "skipped-validation.jsonl",
     }
 
-    def prepare(paths: list[str], split: str) -> Any:
+    def prepare(paths: list[str], split: str) -> TokenizedDataset:
         # Rank 0 alone writes the list, so that no two ranks copy it at once.
         split_config = replace(config, report_path=str(reports[split]) if main else None)
         return on_main_then_all(
@@ -246,9 +246,10 @@ def load_datasets(
         )
 
     train = prepare(train_files, "training")
-    val = prepare(val_files, "validation") if val_files else []
+    val = prepare(val_files, "validation") if val_files else None
     if main and status is not None:
-        for name, dataset in [("training", train)] + ([("validation", val)] if val_files else []):
+        splits = [("training", train)] + ([("validation", val)] if val is not None else [])
+        for name, dataset in splits:
             line = dataset.summary.length_line(f"seq_length {seq_length}")
             if line is not None:
                 status(f"{name} data: {line} (listed in {reports[name]})")
@@ -260,8 +261,10 @@ def load_datasets(
             f"{shown.records} were dropped as over-long for seq_length {seq_length} "
             f"({shown.drop_counts()}; model.data.over_long={run.data.over_long})"
         )
-    fingerprint = train.fingerprint + ":" + (val.fingerprint if val_files else "-")
-    return Datasets(train, val, fingerprint, train.summary.format() if main else "")
+    fingerprint = train.fingerprint + ":" + (val.fingerprint if val is not None else "-")
+    return Datasets(
+        train, val if val is not None else [], fingerprint, train.summary.format() if main else ""
+    )
 
 
 # -------------------------------------------------------------------------------- algorithm

@@ -75,15 +75,23 @@ class NonFiniteError(RuntimeError):
 class BatchSource(Protocol):
     """The data side of the loop (this data-parallel rank's share of each global batch).
 
-    Attributes:
-        train_samples: Training examples per epoch.
-        global_batch_size: Examples per optimizer step (all data-parallel ranks).
-        num_val_batches: Validation global batches available.
+    The sizes are read-only: plain attributes or properties.
     """
 
-    train_samples: int
-    global_batch_size: int
-    num_val_batches: int
+    @property
+    def train_samples(self) -> int:
+        """Training examples per epoch."""
+        ...
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step (all data-parallel ranks)."""
+        ...
+
+    @property
+    def num_val_batches(self) -> int:
+        """Validation global batches available."""
+        ...
 
     def train_micro_batches(self, consumed_samples: int) -> list[ModelBatch]:
         """Micro-batches of the global batch that follows ``consumed_samples`` examples."""
@@ -120,13 +128,26 @@ class ParallelGroups:
         from megatron.core import parallel_state as ps
 
         return cls(
-            data=ps.get_data_parallel_group(),
-            pipeline=ps.get_pipeline_model_parallel_group(),
+            data=_process_group(ps.get_data_parallel_group()),
+            pipeline=_process_group(ps.get_pipeline_model_parallel_group()),
             world=dist.group.WORLD,
             is_last_stage=ps.is_pipeline_last_stage(),
             is_main=dist.get_rank() == 0,
             device=device if dist.get_backend() == "nccl" else torch.device("cpu"),
         )
+
+
+def _process_group(group: object) -> dist.ProcessGroup | None:
+    """A megatron group accessor's answer as one process group (None: this rank is in none).
+
+    Raises:
+        TypeError: Several groups (layouts this trainer does not run).
+    """
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    raise TypeError(f"expected one process group, got {group!r}")
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,30 @@ class _BatchSizes(Protocol):
 
 
 class PlannedRun(Protocol):
-    """What the planner reads from a run configuration (every algorithm's config has it)."""
+    """What the planner reads from a run configuration (every algorithm's config has it).
 
-    run_dir: str
-    parallel: ParallelConfig
-    trainer: TrainerConfig
-    data: Any
+    Read-only, so a subclass's section (SPIN's ``SPINTrainerConfig``) satisfies it.
+    """
+
+    @property
+    def run_dir(self) -> str:
+        """The run directory."""
+        ...
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The tensor/pipeline layout."""
+        ...
+
+    @property
+    def trainer(self) -> TrainerConfig:
+        """The loop settings."""
+        ...
+
+    @property
+    def data(self) -> Any:
+        """Batch sizes and data settings (`align_core.trainer.DataConfig`)."""
+        ...
 
 
 @dataclass(frozen=True)

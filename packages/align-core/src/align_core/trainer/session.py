@@ -51,7 +51,13 @@ from align_core.trainer.build import (
 )
 from align_core.trainer.config import TrainerConfig
 from align_core.trainer.data import TrainData
-from align_core.trainer.finish import FinalExports, export_final, final_formats, fit_and_finish
+from align_core.trainer.finish import (
+    FinalExports,
+    Fit,
+    export_final,
+    final_formats,
+    fit_and_finish,
+)
 from align_core.trainer.loop import (
     BatchSource,
     ParallelGroups,
@@ -81,13 +87,35 @@ __all__ = [
 
 
 class SessionConfig(PlannedRun, Protocol):
-    """What `run_session` reads from a run configuration (`RunConfig`, ``KDRunConfig``)."""
+    """What `run_session` reads from a run configuration (read-only).
 
-    optim: OptimizerConfig
-    sched: SchedulerConfig
-    resume: bool
-    export_nemo: bool | None
-    export_hf: bool | None
+    `RunConfig`, ``KDRunConfig`` and ``SPINRunConfig`` satisfy it.
+    """
+
+    @property
+    def optim(self) -> OptimizerConfig:
+        """Optimizer settings."""
+        ...
+
+    @property
+    def sched(self) -> SchedulerConfig:
+        """Learning-rate schedule."""
+        ...
+
+    @property
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint when there is one."""
+        ...
+
+    @property
+    def export_nemo(self) -> bool | None:
+        """Write ``final.nemo`` at the end (None: the source's format decides)."""
+        ...
+
+    @property
+    def export_hf(self) -> bool | None:
+        """Write ``final_hf/`` at the end (None: the source's format decides)."""
+        ...
 
 
 def _pack_capacity(run: RunConfig, seq_length: int) -> int | None:
@@ -112,9 +140,9 @@ def _build_reference(
     policy: Any,
     source: ModelSource,
     forward_fn: ForwardFn,
+    data_fingerprint: str,
     data: TrainData,
     plan: StepPlan,
-    data_fingerprint: str,
     groups: ParallelGroups,
     sinks: Sequence[MetricsSink] = (),
 ) -> ReferencePolicy:
@@ -345,24 +373,30 @@ class _Stages:
         self.last_checkpoint = checkpoint
 
     def fit(self) -> str:
-        """Run the stages in turn; the stop reason of the last (``completed`` when all ran)."""
-        reason = "completed"
-        for stage in self.loop:
-            trainer = self.trainer_for(stage)
-            resumed, self.resumed = self.resumed, None  # the first stage continues the checkpoint
-            if resumed is not None:
-                trainer.load_state_dict(resumed)
-            else:
-                trainer.state = TrainerState(skipped_steps=self.skipped_steps)
-            if self.last_checkpoint is not None and trainer.run_step == self.run_step:
-                trainer.mark_saved(self.last_checkpoint)
-            try:
-                reason = trainer.fit()
-            finally:
-                self._take(trainer)
-            if reason != "completed":
-                return reason
-        return self.session.stop_reason or reason
+        """Run the stages in turn; the stop reason of the last (``completed`` when all ran).
+
+        SIGTERM/SIGINT are caught for the whole loop, the work between stages included.
+        """
+        self.session.stop.install()
+        try:
+            for stage in self.loop:
+                trainer = self.trainer_for(stage)
+                resumed, self.resumed = self.resumed, None  # the first stage continues it
+                if resumed is not None:
+                    trainer.load_state_dict(resumed)
+                else:
+                    trainer.state = TrainerState(skipped_steps=self.skipped_steps)
+                if self.last_checkpoint is not None and trainer.run_step == self.run_step:
+                    trainer.mark_saved(self.last_checkpoint)
+                try:
+                    reason = trainer.fit()
+                finally:
+                    self._take(trainer)
+                if reason != "completed":
+                    return reason
+            return self.session.stop_reason or "completed"
+        finally:
+            self.session.stop.restore()
 
     def _take(self, trainer: Trainer) -> None:
         self.run_step, self.run_samples = trainer.run_step, trainer.run_samples
@@ -537,22 +571,14 @@ def run_session(
             recipe.before_export()
         return export_final(model, run_dir, recipe.source, nemo=nemo, hf=hf)
 
-    if trainer is None:
+    fit: Fit
+    if trainer is not None:
+        fit = trainer
+    else:
         assert recipe.stages is not None
-        stop.install()
-        staged = _Stages(recipe.stages(session), trainer_for, session, resumed, checkpoint)
-        try:
-            return fit_and_finish(
-                staged,
-                sinks,
-                run_dir=run_dir,
-                reference_strategy=recipe.reference_strategy,
-                export=export if nemo or hf else None,
-            )
-        finally:
-            stop.restore()
+        fit = _Stages(recipe.stages(session), trainer_for, session, resumed, checkpoint)
     return fit_and_finish(
-        trainer,
+        fit,
         sinks,
         run_dir=run_dir,
         reference_strategy=recipe.reference_strategy,
@@ -607,7 +633,7 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
     spec = get_algorithm(run.algorithm)
     policy = build_policy(source, run.parallel)
     lora = run.peft is not None
-    if lora:
+    if run.peft is not None:
         from align_core.lora import add_lora
 
         add_lora(policy, run.peft)
@@ -624,20 +650,9 @@ def run_training(run: RunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         strategy = resolve_strategy(
             run.reference.strategy, lora=lora, updated=run.reference.updated
         )
-
-        def reference(data, steps, groups, sinks, strategy=strategy):
-            return _build_reference(
-                run,
-                strategy,
-                policy,
-                source,
-                forward_fn,
-                data,
-                steps,
-                datasets.fingerprint,
-                groups,
-                sinks,
-            )
+        reference = functools.partial(
+            _build_reference, run, strategy, policy, source, forward_fn, datasets.fingerprint
+        )
 
     def merge_lora() -> None:
         from align_core.lora import merge_lora
