@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,9 +106,14 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def prepare_slurm_env(env: dict[str, str] | None = None) -> None:
-    """Fill ``MASTER_ADDR``/``MASTER_PORT``/``LOCAL_RANK`` from Slurm's environment if unset."""
-    env = os.environ if env is None else env
+def prepare_slurm_env(env: MutableMapping[str, str] | None = None) -> None:
+    """Fill ``MASTER_ADDR``/``MASTER_PORT``/``LOCAL_RANK`` from Slurm's environment if unset.
+
+    Args:
+        env: The environment to read and fill; default ``os.environ``.
+    """
+    if env is None:
+        env = os.environ
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         env["MASTER_ADDR"] = first_host(nodelist) if nodelist else "127.0.0.1"

@@ -101,8 +101,9 @@ class TensorBoardSink:
     """
 
     def __init__(self, log_dir: str | Path) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        # tensorboard's protobuf modules build their classes at import time and ship no stubs.
+        from tensorboard.compat.proto.event_pb2 import Event  # pyright: ignore[reportAttributeAccessIssue]
+        from tensorboard.compat.proto.summary_pb2 import Summary  # pyright: ignore[reportAttributeAccessIssue]
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._event = Event
@@ -122,7 +123,8 @@ class TensorBoardSink:
         TensorBoard purges every event at or after a ``SessionLog.START``'s step, so the marker
         carries the first step this run trains (``start_step + 1``).
         """
-        from tensorboard.compat.proto.event_pb2 import SessionLog
+        # A protobuf class built at import time (no stubs), as in __init__.
+        from tensorboard.compat.proto.event_pb2 import SessionLog  # pyright: ignore[reportAttributeAccessIssue]
 
         start = SessionLog(status=SessionLog.START)
         self._writer.add_event(

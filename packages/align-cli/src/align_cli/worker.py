@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from align_cli.errors import UsageError
 from align_cli.launch import launcher, prepare_slurm_env, world_rank
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from align_cli.config import Composed
+    from align_cli.config.schema import TreeAlgorithm
 
 __all__ = ["EXIT_CODES", "main", "make_sinks", "quiet_library_warnings", "run_worker", "train"]
 
@@ -92,7 +93,7 @@ def run_worker(
         quiet: No progress bar or summary table.
         console: Console of the progress bar (rank 0).
     """
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from align_cli.config import compose, to_run_config
     from align_cli.config.restore import base_model_for
@@ -103,7 +104,10 @@ def run_worker(
         prepare_slurm_env()
     info = read_run_info(run_dir)
     if composed is None:
-        composed = compose(info.algorithm, base=[OmegaConf.load(run_dir / CONFIG_FILE)])
+        saved = OmegaConf.load(run_dir / CONFIG_FILE)
+        assert isinstance(saved, DictConfig)  # `align run` writes the tree as a mapping
+        # run.json names the tree `align run` composed; compose rejects any other name.
+        composed = compose(cast("TreeAlgorithm", info.algorithm), base=[saved])
     if composed.algorithm == "kd_teacher":
         from align_cli.commands.kd import run_teacher_worker
 

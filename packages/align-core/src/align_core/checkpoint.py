@@ -573,6 +573,7 @@ class Checkpointer:
             model, optimizer, extra_models, is_loading=True, with_rng=with_rng
         )
         loaded = dist_checkpointing.load(template, str(path))
+        assert isinstance(loaded, dict)  # the default ``strict`` returns the state dict alone
         unwrap_model(model).load_state_dict(loaded["model"])
         if optimizer is not None:
             # The distributed optimizer copies into views of leaf parameters.

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 __all__ = [
     "ACTIVATIONS",
@@ -240,7 +243,9 @@ def _activation(name: str):
     return squared_relu
 
 
-def to_transformer_config(model: ModelConfig, parallel: ParallelConfig = ParallelConfig()):
+def to_transformer_config(
+    model: ModelConfig, parallel: ParallelConfig = ParallelConfig()
+) -> TransformerConfig:
     """Build the megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
 
     Fusions that need CUDA kernels stay off; megatron picks its own implementations.
@@ -285,7 +290,15 @@ def to_transformer_config(model: ModelConfig, parallel: ParallelConfig = Paralle
     )
 
 
-def _recompute(model: ModelConfig, parallel: ParallelConfig) -> dict[str, object]:
+class _RecomputeKwargs(TypedDict, total=False):
+    """The ``recompute_*`` keyword arguments of megatron's ``TransformerConfig``."""
+
+    recompute_granularity: Literal["selective", "full"] | None
+    recompute_method: Literal["uniform", "block"]
+    recompute_num_layers: int
+
+
+def _recompute(model: ModelConfig, parallel: ParallelConfig) -> _RecomputeKwargs:
     """Megatron's ``recompute_*`` arguments for ``parallel``'s activation checkpointing.
 
     Raises:

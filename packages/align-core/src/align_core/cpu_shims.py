@@ -165,7 +165,8 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
     proxy = _cpu_torch()
     for module in _MODULES_WITH_CUDA_FACTORIES:
-        importlib.import_module(module).torch = proxy
+        # Rebinding a megatron module's global; typeshed's ModuleType declares no settable names.
+        importlib.import_module(module).torch = proxy  # pyright: ignore[reportAttributeAccessIssue]
     # upstream: the optimizers and clip_grads assert `param.type() == "torch.cuda.FloatTensor"`.
     plain_type = torch.Tensor.type
 

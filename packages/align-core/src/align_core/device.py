@@ -21,8 +21,8 @@ synchronous copy.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -86,8 +86,9 @@ def _to(obj: Any, device: torch.device) -> Any:
         items = {key: _to(value, device) for key, value in obj.items()}
         if type(obj) is dict:
             return items
+        rebuild = cast("Callable[..., Any]", type(obj))  # a Mapping class; most take a dict
         try:
-            return type(obj)(items)
+            return rebuild(items)
         except TypeError:
             return items
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple

@@ -35,13 +35,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from align_core.device import module_device, to_device
 from align_core.model import unwrap_model
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
 
 __all__ = [
     "LogProbConfig",
@@ -135,11 +138,13 @@ def output_weight(model: torch.nn.Module) -> Tensor:
     gpt = unwrap_model(model)
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()
-    return gpt.output_layer.weight
+    weight = gpt.output_layer.weight
+    assert weight is not None  # allocated by the output layer unless tied to the embedding
+    return weight
 
 
 @contextlib.contextmanager
-def _post_process_bypassed(gpt: torch.nn.Module) -> Iterator[None]:
+def _post_process_bypassed(gpt: GPTModel) -> Iterator[None]:
     # GPTModel._postprocess returns the decoder output (after the final norm, which belongs to
     # the decoder block) unchanged when `post_process` is False; the flag is read only there.
     saved = gpt.post_process

@@ -31,8 +31,10 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from align_core.nemo.archive import atomic_output
@@ -42,6 +44,9 @@ from align_core.nemo.shards import (
     renumber_layers,
     split_tensor,
 )
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
 __all__ = [
     "LoraAdapter",
@@ -128,7 +133,7 @@ class LoraAdapter(torch.nn.Module):
         scale: float,
         dropout: float,
         gated: bool,
-        tp_group: object | None,
+        tp_group: dist.ProcessGroup | None,
     ) -> None:
         super().__init__()
         self.lora_a = torch.nn.Parameter(lora_a)
@@ -154,7 +159,9 @@ class LoraAdapter(torch.nn.Module):
 
         if self.dropout and self.training:
             if self.parallel_mode == "row":  # input differs per rank: model-parallel RNG
-                with tensor_parallel.get_cuda_rng_tracker().fork():
+                # megatron's getter is unannotated; it initialises the tracker it returns.
+                tracker = tensor_parallel.get_cuda_rng_tracker()
+                with tracker.fork():  # pyright: ignore[reportOptionalMemberAccess]
                     x = F.dropout(x, self.dropout)
             else:
                 x = F.dropout(x, self.dropout)
@@ -187,8 +194,12 @@ class LoraAdapter(torch.nn.Module):
         return sharded
 
 
+# A megatron linear returns ``(output, bias)`` (bias may be None); a plain linear a tensor.
+_LinearOutput = torch.Tensor | tuple[torch.Tensor, *tuple[object, ...]]
+
+
 def _hook(adapter: LoraAdapter):
-    def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
+    def hook(module: torch.nn.Module, args: tuple, output: _LinearOutput) -> _LinearOutput:
         if not adapter.enabled:
             return output
         delta = adapter(_fused_norm_input(module, args[0]))
@@ -203,22 +214,24 @@ def _gated(base: torch.nn.Module) -> bool:
     return bool(getattr(getattr(base, "config", None), "gated_linear_unit", False))
 
 
-def _layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+def _layers(model: torch.nn.Module) -> Sequence[TransformerLayer]:
     from align_core.model import unwrap_model
 
     decoder = getattr(unwrap_model(model), "decoder", None)
     return [] if decoder is None else list(decoder.layers)
 
 
-def _tp() -> tuple[int, int, object | None]:
+def _tp() -> tuple[int, int, dist.ProcessGroup | None]:
     from megatron.core import parallel_state
+
+    from align_core.parallel import megatron_tensor_group
 
     if not parallel_state.model_parallel_is_initialized():
         return 0, 1, None
     return (
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_tensor_model_parallel_group(),
+        megatron_tensor_group(),
     )
 
 
@@ -350,7 +363,7 @@ def save_lora(
     path: str | os.PathLike[str],
     config: LoraConfig,
     *,
-    pp_group: object | None = None,
+    pp_group: dist.ProcessGroup | None = None,
 ) -> Path:
     """Save the adapters only, as full (unsplit) tensors, from global rank 0. Collective.
 
@@ -366,17 +379,18 @@ def save_lora(
     Returns:
         ``path`` as a `Path`.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from align_core.parallel import megatron_pipeline_group, megatron_tensor_group
 
     path = Path(path)
     local = lora_state_dict(model)
     gated = any(a.gated for a in lora_adapters(model).values())
-    tp_group = None
+    tp_group: dist.ProcessGroup | None = None
     writer = True
     if parallel_state.model_parallel_is_initialized():
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        pp_group = pp_group or parallel_state.get_pipeline_model_parallel_group()
+        tp_group = megatron_tensor_group()
+        pp_group = pp_group or megatron_pipeline_group()
         writer = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     full = None
     if writer:

@@ -12,11 +12,15 @@ builds the unscaled rotary embedding and sets its inverse frequencies to
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from align_core.config import ModelConfig, ParallelConfig, padded_vocab_size, to_transformer_config
 from align_core.cpu_shims import tensor_cuda_is_identity
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
 
 __all__ = ["build_gpt_model", "llama3_scaled_inv_freq", "te_available", "unwrap_model"]
 
@@ -26,7 +30,8 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        # Optional GPU extra, absent from the CPU environment the type checker runs in.
+        import transformer_engine  # noqa: F401  # pyright: ignore[reportMissingImports]
     except Exception:  # an installed but broken TE (missing CUDA libraries) counts as absent
         return False
     return True
@@ -108,13 +113,18 @@ def _initialised_layout(parallel: ParallelConfig | None) -> ParallelConfig:
     """``parallel``, checked against megatron's initialised parallel state (or read from it)."""
     from megatron.core import parallel_state
 
-    sizes = {
-        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
-    }
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
     if parallel is None:
-        return ParallelConfig(**sizes)
+        return ParallelConfig(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        )
+    sizes = {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "context_parallel_size": cp,
+    }
     wrong = {k: (getattr(parallel, k), v) for k, v in sizes.items() if getattr(parallel, k) != v}
     if wrong:
         detail = ", ".join(
@@ -180,11 +190,16 @@ def build_gpt_model(
             share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
             position_embedding_type=model.position_embedding_type,
             rotary_percent=model.rotary_percent,
-            rotary_base=_rotary_base(model.rotary_base),
+            # megatron annotates ``rotary_base: int`` but uses it as a float (RoPE base).
+            rotary_base=_rotary_base(model.rotary_base),  # pyright: ignore[reportArgumentType]
         )
     _scale_rope(gpt, model)
     if device is None:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else "cpu"
+        )
     gpt = gpt.to(device)
     if config.bf16 or config.fp16:
         gpt = Float16Module(config, gpt)
@@ -196,8 +211,12 @@ def _rotary_base(base: float) -> int | float:
     return int(base) if float(base).is_integer() else float(base)
 
 
-def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers down to the `GPTModel`."""
+def unwrap_model(module: torch.nn.Module) -> GPTModel:
+    """Strip DDP / Float16Module wrappers down to the `GPTModel`.
+
+    ``module`` is a model from `build_gpt_model`, possibly wrapped: the innermost module is the
+    `GPTModel` (not checked at run time).
+    """
     while hasattr(module, "module"):
-        module = module.module
-    return module
+        module = cast("torch.nn.Module", module.module)
+    return cast("GPTModel", module)

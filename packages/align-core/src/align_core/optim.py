@@ -195,8 +195,9 @@ def build_optimizer(
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import get_megatron_optimizer
 
-    chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
-    if not all(isinstance(c, DistributedDataParallel) for c in chunks):
+    given = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+    chunks = [c for c in given if isinstance(c, DistributedDataParallel)]
+    if len(chunks) < len(given):
         raise TypeError("build_optimizer needs DDP-wrapped chunks (align_core.training.wrap_ddp)")
     model_config = unwrap_model(chunks[0]).config
     megatron_config = megatron_optimizer_config(
@@ -205,7 +206,8 @@ def build_optimizer(
         clip_grad=clip_grad,
         use_distributed_optimizer=chunks[0].ddp_config.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(megatron_config, chunks)
+    # A fresh list, so that it is typed as megatron's List[MegatronModule] (lists are invariant).
+    optimizer = get_megatron_optimizer(megatron_config, [*chunks])
     # megatron marks biases and norms with wd_mult = 0 but leaves applying it to its own LR
     # scheduler, which align does not use.
     for group in optimizer.param_groups:

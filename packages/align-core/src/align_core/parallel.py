@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,15 @@ import torch.distributed as dist
 from align_core.config import ParallelConfig
 from align_core.cpu_shims import apply_cpu_shims
 
-__all__ = ["DistributedContext", "destroy_distributed", "free_port", "init_distributed"]
+__all__ = [
+    "DistributedContext",
+    "destroy_distributed",
+    "free_port",
+    "init_distributed",
+    "megatron_data_group",
+    "megatron_pipeline_group",
+    "megatron_tensor_group",
+]
 
 
 @dataclass(frozen=True)
@@ -122,9 +131,9 @@ def init_distributed(
         if world_size == 1 and "MASTER_PORT" not in os.environ:
             # A world of one needs no TCP rendezvous: an in-process store cannot collide with
             # another process on the host (a probed free port can be taken before it is bound).
-            dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-            )
+            # torch documents HashStore but leaves it out of torch.distributed's __all__.
+            store = dist.HashStore()  # pyright: ignore[reportPrivateImportUsage]
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
@@ -157,3 +166,30 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# megatron's parallel_state getters are unannotated; the type inferred from their module globals
+# includes internal sentinels (None before initialisation, which they assert against; a list of
+# groups for encoder-decoder pipelines, which align does not build). After `init_distributed`
+# each returns one process group.
+
+
+def megatron_tensor_group() -> dist.ProcessGroup:
+    """This rank's tensor-parallel group from megatron's ``parallel_state`` (initialised)."""
+    from megatron.core import parallel_state
+
+    return cast(dist.ProcessGroup, parallel_state.get_tensor_model_parallel_group())
+
+
+def megatron_pipeline_group() -> dist.ProcessGroup:
+    """This rank's pipeline-parallel group from megatron's ``parallel_state`` (initialised)."""
+    from megatron.core import parallel_state
+
+    return cast(dist.ProcessGroup, parallel_state.get_pipeline_model_parallel_group())
+
+
+def megatron_data_group() -> dist.ProcessGroup:
+    """This rank's data-parallel group from megatron's ``parallel_state`` (initialised)."""
+    from megatron.core import parallel_state
+
+    return cast(dist.ProcessGroup, parallel_state.get_data_parallel_group())

@@ -187,8 +187,11 @@ def broadcast_from_last_stage(
     spec = [[(k, tuple(v.shape), v.dtype) for k, v in (tensors or {}).items()] if is_src else None]
     dist.broadcast_object_list(spec, src=src, group=group, device=torch.device(device))
     received = {}
-    for key, shape, dtype in spec[0]:
+    entries = spec[0]
+    assert entries is not None  # the broadcast filled it on every rank
+    for key, shape, dtype in entries:
         if is_src:
+            assert tensors is not None  # the source has entries only when it has tensors
             buf = tensors[key].detach().to(device).contiguous()
         else:
             buf = torch.empty(shape, dtype=dtype, device=device)

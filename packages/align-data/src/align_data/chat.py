@@ -229,7 +229,7 @@ class JinjaChatTemplate:
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             if name not in named:
                 raise FileNotFoundError(
-                    f"{config_path}: no chat template named {name!r} (has {sorted(named)})"
+                    f"{config_path}: no chat template named {name!r} (has {sorted(named, key=str)})"
                 )
             source = named[name]
         if not source:

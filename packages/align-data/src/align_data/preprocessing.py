@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -325,12 +326,13 @@ def _write_report(path: Path, results: list[_TaskResult]) -> None:
             for source, reason in result.dropped:
                 error = DataError(source.path, source.line, RECORD_FIELD, f"dropped: {reason}")
                 items.append(SkippedRecord(error, ""))
-            for item in sorted(items, key=lambda s: s.error.line):
+            # Whole-file errors (no line) first.
+            for item in sorted(items, key=lambda s: -1 if s.error.line is None else s.error.line):
                 report.write(item)
 
 
 def preprocess(
-    paths: str | Path | list[str | Path],
+    paths: str | Path | Sequence[str | Path],
     tokenizer: Tokenizer,
     out_dir: str | Path,
     config: PreprocessConfig,

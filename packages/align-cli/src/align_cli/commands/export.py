@@ -19,11 +19,14 @@ import contextlib
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 
 from align_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from align_cli.config.schema import TreeAlgorithm
 
 __all__ = ["FORMATS", "export"]
 
@@ -94,7 +97,7 @@ def _export_pretrained(source: Path, target: Path, fmt: str, console: Console) -
 
 def _export_run(root: Path, step: int | None, out: str | None, fmt: str, console: Console) -> int:
     """A training checkpoint of a run (newest, or ``step``)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from align_cli.config import compose, to_run_config
     from align_cli.config.restore import base_model_for
@@ -102,7 +105,10 @@ def _export_run(root: Path, step: int | None, out: str | None, fmt: str, console
     from align_cli.worker import quiet_library_warnings
 
     info = read_run_info(root)
-    composed = compose(info.algorithm, base=[OmegaConf.load(root / CONFIG_FILE)])  # type: ignore[arg-type]
+    saved = OmegaConf.load(root / CONFIG_FILE)
+    assert isinstance(saved, DictConfig)  # `align run` writes the tree as a mapping
+    # run.json names the tree `align run` composed; compose rejects any other name.
+    composed = compose(cast("TreeAlgorithm", info.algorithm), base=[saved])
     run = to_run_config(
         composed.algorithm, composed.tree, str(root), base_model=base_model_for(composed.tree)
     )

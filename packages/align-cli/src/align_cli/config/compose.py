@@ -134,7 +134,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     for name, tp in _children(cls).items():
         key = f"{prefix}{name}"
         keys.append(key)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             keys += all_keys(tp, key + ".")
     return keys
 

@@ -512,7 +512,7 @@ def data_config(
     except ValueError as exc:
         text = str(exc)
         micro, gbs = kwargs.get("micro_batch_size"), kwargs.get("global_batch_size")
-        if batch and isinstance(micro, int) and micro > 0 and gbs % micro:
+        if batch and isinstance(micro, int) and isinstance(gbs, int) and micro > 0 and gbs % micro:
             from align_core.trainer.planner import multiple_hint
 
             text += f"; {multiple_hint(gbs, micro)}"

@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Callable
 from functools import cache
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, Union, get_args, get_origin
 
 from align_cli.errors import ConfigError
 
@@ -36,7 +36,14 @@ __all__ = [
     "typed_section",
 ]
 
-T = TypeVar("T")
+
+class _Dataclass(Protocol):
+    """An instance of a dataclass (what `dataclasses.fields` accepts)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+T = TypeVar("T", bound=_Dataclass)
 
 INT_OR_FLOAT: set[tuple[str, str]] = {
     ("TrainerConfig", "val_check_interval"),
@@ -232,7 +239,7 @@ def _convert(tp: Any, value: Any, key: str, *, int_or_float: bool = False) -> An
         return None
     if int_or_float or _is_number_union(tp):
         return _number(value, key)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     choices = choices_of(tp)
     if choices is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ from torch import Tensor
 from align_core.algorithms._common import IGNORE_INDEX, ModelBatch
 from align_core.model import unwrap_model
 from align_core.schedule import ForwardFn
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
 __all__ = [
     "pack_attention_mask",
@@ -143,7 +147,8 @@ def packed_forward(forward_fn: ForwardFn) -> ForwardFn:
         if "pack_segments" not in batch:
             return forward_fn(model, batch)
         gpt = unwrap_model(model)
-        if "TE" in type(gpt.decoder.layers[0].self_attention.core_attention).__name__:
+        first = cast("TransformerLayer", gpt.decoder.layers[0])
+        if "TE" in type(first.self_attention.core_attention).__name__:
             raise NotImplementedError(
                 "sequence packing with Transformer Engine attention (thd / PackedSeqParams) "
                 "is not implemented; set model.data.packing=false"

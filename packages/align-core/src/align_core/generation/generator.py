@@ -201,7 +201,8 @@ class Generator:
         finally:
             self.model.train(was_training)
             if not self.stage.is_first:
-                unwrap_model(self.model).set_input_tensor(None)
+                # megatron annotates ``input_tensor: Tensor``; None clears it (as megatron does).
+                unwrap_model(self.model).set_input_tensor(None)  # pyright: ignore[reportArgumentType]
 
     def _prompt_rows(
         self,

@@ -189,9 +189,7 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
         align_data.DataError: A malformed prompt line, or a prompt too long for
             ``seq_length``, naming the file and line.
     """
-    from megatron.core import parallel_state
-
-    from align_core.parallel import init_distributed
+    from align_core.parallel import init_distributed, megatron_data_group
     from align_core.trainer.build import build_policy, resolve_model_source
     from align_core.trainer.run import RunConfig
     from align_data import DataError, Source, tokenize_prompt
@@ -239,7 +237,7 @@ def generate_jsonl(config: GenerateConfig) -> GenerateResult:
         sampling=config.sampling_params,
         length=generation_length(config.length_params, ids, seq),
         micro_batch_size=config.micro_batch_size,
-        group=parallel_state.get_data_parallel_group(),
+        group=megatron_data_group(),
     )
     if ctx.is_main:
         write_jsonl_atomically(

@@ -36,10 +36,10 @@ class GenerationGroups:
     @classmethod
     def from_parallel_state(cls) -> GenerationGroups:
         """The groups megatron's ``parallel_state`` set up (call after ``init_distributed``)."""
-        from megatron.core import parallel_state
+        from align_core.parallel import megatron_pipeline_group, megatron_tensor_group
 
-        tp = parallel_state.get_tensor_model_parallel_group()
-        pp = parallel_state.get_pipeline_model_parallel_group()
+        tp = megatron_tensor_group()
+        pp = megatron_pipeline_group()
         return cls(
             tensor=tp if dist.get_world_size(tp) > 1 else None,
             pipeline=pp if dist.get_world_size(pp) > 1 else None,
@@ -106,7 +106,7 @@ class ModelParallelStage:
             )
             dist.recv(hidden, src=self._prev, group=self.groups.pipeline)
             self._inner.set_input_tensor(hidden)
-        kwargs = {"runtime_gather_output": True}
+        kwargs: dict[str, object] = {"runtime_gather_output": True}
         if cache is not None:
             kwargs["inference_context"] = cache.context
         out = self.model(ids, positions, mask, **kwargs)

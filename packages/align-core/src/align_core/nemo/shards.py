@@ -22,8 +22,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 __all__ = [
     "Partition",
@@ -43,6 +47,8 @@ _COLUMN = ("linear_qkv", "linear_fc1")
 _ROW = ("linear_proj", "linear_fc2")
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 _LORA_SUFFIX = "_lora"
+
+_V = TypeVar("_V")  # a state dict's values: tensors, or tensors and other entries (extra state)
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,8 @@ def split_tensor_parallel(
 
 
 def merge_tensor_parallel(
-    shards: Sequence[Mapping[str, torch.Tensor]], *, gated: bool
-) -> dict[str, torch.Tensor]:
+    shards: Sequence[Mapping[str, _V]], *, gated: bool
+) -> dict[str, _V | torch.Tensor]:
     """Merge the state dicts of all tensor-parallel ranks (in rank order) into full tensors.
 
     ``_extra_state`` entries are taken from rank 0.
@@ -147,13 +153,14 @@ def merge_tensor_parallel(
         if set(shard) != set(keys):
             diff = sorted(set(shard) ^ set(keys))
             raise ValueError(f"tensor-parallel rank {rank} holds different keys: {diff[:5]}")
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict[str, _V | torch.Tensor] = {}
     for key in keys:
         values = [shard[key] for shard in shards]
         if not isinstance(values[0], torch.Tensor):
             merged[key] = values[0]
-        else:
-            merged[key] = merge_tensor(values, partition_of(key, gated=gated))
+        else:  # every rank holds the same entry: tensors on all when on rank 0
+            tensors = cast("list[torch.Tensor]", values)
+            merged[key] = merge_tensor(tensors, partition_of(key, gated=gated))
     return merged
 
 
@@ -163,7 +170,7 @@ def layer_index(key: str) -> int | None:
     return None if match is None else int(match.group(2))
 
 
-def renumber_layers(state_dict: Mapping[str, object], offset: int) -> dict[str, object]:
+def renumber_layers(state_dict: Mapping[str, _V], offset: int) -> dict[str, _V]:
     """Add ``offset`` to every transformer layer number."""
 
     def shift(key: str) -> str:
@@ -173,14 +180,14 @@ def renumber_layers(state_dict: Mapping[str, object], offset: int) -> dict[str, 
 
 
 def merge_pipeline_stages(
-    stages: Sequence[Mapping[str, torch.Tensor]], *, share_embeddings: bool
-) -> dict[str, torch.Tensor]:
+    stages: Sequence[Mapping[str, _V]], *, share_embeddings: bool
+) -> dict[str, _V]:
     """Merge per-stage state dicts (stage order, stage-local layer numbers) into one.
 
     Each stage's layers are shifted by the number of layers in the stages before it, so uneven
     splits work too. With tied embeddings the last stage's copy of the output weight is dropped.
     """
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict[str, _V] = {}
     offset = 0
     for stage, state in enumerate(stages):
         indices = {i for i in map(layer_index, state) if i is not None}
@@ -199,7 +206,7 @@ def merge_pipeline_stages(
     return merged
 
 
-def _to_cpu(state: Mapping[str, object]) -> dict[str, object]:
+def _to_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
@@ -208,8 +215,8 @@ def gather_state_dict(
     *,
     gated: bool,
     share_embeddings: bool,
-    tp_group: object | None = None,
-    pp_group: object | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    pp_group: dist.ProcessGroup | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Gather a model's local shards from all tensor and pipeline ranks into one full dict.
 
@@ -241,14 +248,16 @@ def gather_state_dict(
         if stages is None:
             return None
         state = merge_pipeline_stages(stages, share_embeddings=share_embeddings)
-    return state  # type: ignore[return-value]
+    return state
 
 
-def _gather_objects(obj: object, group: object) -> list | None:
+def _gather_objects(
+    state: dict[str, torch.Tensor], group: dist.ProcessGroup
+) -> list[dict[str, torch.Tensor]] | None:
     import torch.distributed as dist
 
     size = dist.get_world_size(group)
     dst = dist.get_global_rank(group, 0)
-    out = [None] * size if dist.get_rank(group) == 0 else None
-    dist.gather_object(obj, out, dst=dst, group=group)
+    out: list[Any] | None = [None] * size if dist.get_rank(group) == 0 else None
+    dist.gather_object(state, out, dst=dst, group=group)
     return out

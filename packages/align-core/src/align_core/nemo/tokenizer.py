@@ -148,7 +148,9 @@ def tokenizer_from_nemo(
         library=str(section["library"]),
         type=None if section.get("type") is None else str(section["type"]),
         options={k: v for k, v in section.items() if k not in known},
-        **paths,
+        model=paths["model"],
+        vocab_file=paths["vocab_file"],
+        merge_file=paths["merge_file"],
     )
 
 

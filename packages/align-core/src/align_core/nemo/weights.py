@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -41,6 +41,9 @@ from align_core.safe_load import (
     read_dcp_metadata,
     verify_distributed_checkpoint,
 )
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
 
 __all__ = [
     "NEMO_PREFIX",
@@ -204,7 +207,7 @@ def read_full_state_dict(
     """
     if layout.kind == "distributed":
         raise NemoFormatError(f"{origin}: weights are a distributed checkpoint")
-    stages = []
+    stages: list[dict[str, object]] = []
     for row in layout.files:
         shards = [strip_prefix(read_checkpoint_file(p, origin=origin), origin=origin) for p in row]
         try:
@@ -228,7 +231,11 @@ def embedding_rows(layout: WeightsLayout, *, origin: str = "<nemo>") -> int | No
     rows = 0
     for path in layout.files[0]:
         state = read_checkpoint_file(path, origin=origin)
-        shapes = [v.shape for k, v in state.items() if k.endswith(_EMBEDDING)]
+        shapes = [
+            v.shape
+            for k, v in state.items()
+            if k.endswith(_EMBEDDING) and isinstance(v, torch.Tensor)
+        ]
         if not shapes:
             return None
         rows += int(shapes[0][0])
@@ -355,7 +362,7 @@ def stored_tensors(directory: Path, *, origin: str = "<nemo>") -> dict[str, tupl
 
 
 def load_distributed_into(
-    model: torch.nn.Module, directory: Path, *, origin: str = "<nemo>"
+    model: MegatronModule, directory: Path, *, origin: str = "<nemo>"
 ) -> tuple[list[str], list[str]]:
     """Load a megatron distributed checkpoint into ``model`` at its current TP/PP layout.
 
@@ -393,6 +400,7 @@ def load_distributed_into(
         loaded = dist_checkpointing.load(request, str(directory))
     except Exception as exc:
         raise NemoFormatError(f"{origin}: cannot load {DIST_DIR}/ ({exc})") from exc
+    assert isinstance(loaded, dict)  # the default ``strict`` returns the state dict alone
     state = {k[len(prefix) :]: v for k, v in loaded.items()}
     result = model.load_state_dict(state, strict=False)
     missing = {k for k in [*result.missing_keys, *absent] if not is_extra_state(k)}

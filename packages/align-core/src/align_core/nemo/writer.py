@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from align_core.nemo.shards import gather_state_dict
 from align_core.nemo.tokenizer import TokenizerSpec, tokenizer_to_nemo
 from align_core.nemo.weights import DIST_DIR, NEMO_PREFIX, WEIGHTS_FILE
 from align_core.spec_keys import detect_spec
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
 
 __all__ = ["canonical_order", "gather_full_state", "save_nemo", "write_nemo"]
 
@@ -127,16 +131,18 @@ def write_nemo(
         return write_archive(staging, path)
 
 
-def _parallel_groups() -> tuple[object | None, object | None, bool]:
+def _parallel_groups() -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, bool]:
     """Megatron's TP and PP groups, and whether this rank belongs to the writing replica."""
     from megatron.core import parallel_state
+
+    from align_core.parallel import megatron_pipeline_group, megatron_tensor_group
 
     if not parallel_state.model_parallel_is_initialized():
         return None, None, True
     first_replica = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     return (
-        parallel_state.get_tensor_model_parallel_group(),
-        parallel_state.get_pipeline_model_parallel_group(),
+        megatron_tensor_group(),
+        megatron_pipeline_group(),
         first_replica,
     )
 
@@ -220,7 +226,7 @@ def save_nemo(
 
 
 def _save_distributed(
-    module: torch.nn.Module,
+    module: MegatronModule,
     path: Path,
     model_config: ModelConfig,
     tokenizer: TokenizerSpec | None,

@@ -8,7 +8,7 @@ reference (initial) weights and fills align-data's fingerprinted `ArrayStore` pe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,7 +76,7 @@ def precompute_reference(
     *,
     root: str | Path,
     key: Mapping[str, object],
-    splits: Mapping[str, tuple[int, Callable[[], Iterator[list[ModelBatch]]]]],
+    splits: Mapping[str, tuple[int, Callable[[], Iterable[Iterable[list[ModelBatch]]]]]],
     writer: bool,
     merge: int = 1,
     progress: bool = False,
