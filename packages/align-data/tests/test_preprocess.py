@@ -53,6 +53,10 @@ def test_preprocess_matches_in_memory_tokenization(jsonl, tmp_path):
     ]
     with pytest.raises(IndexError):
         ds[50]
+    # A Sequence: slices, iteration and membership as for the list of examples.
+    assert [x.index for x in ds[45:50:2]] == [45, 47, 49]
+    assert all(same(x, y) for x, y in zip(ds[-3:], expected.examples[-3:], strict=True))
+    assert sum(1 for _ in ds) == 50 and ds[1:1] == []
 
 
 def test_second_run_reuses_and_changes_invalidate(jsonl, tmp_path, capsys):

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class _Shard:
     scalars: dict[str, np.ndarray]
 
 
-class TokenizedDataset:
+class TokenizedDataset(Sequence[Example]):
     """A preprocessed dataset, memory-mapped from disk (random access, picklable).
 
     Items are :class:`~align_data.PreferenceExample`, :class:`~align_data.UnpairedExample` or
@@ -174,7 +174,16 @@ class TokenizedDataset:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)
         return self._shard(k), index - int(self._starts[k])
 
-    def __getitem__(self, index: int) -> Example:
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        """The example at ``index`` (a list of them for a slice)."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         shard, i = self._locate(index)
         index %= len(self)
 
