@@ -16,7 +16,6 @@ the layers recomputed at once. It is an estimate to catch gross misfits, not a m
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,29 +418,22 @@ def _steps(
     algorithm: str, run: Any, data: DataPlan, val_batches: int, world_size: int
 ) -> tuple[Any, str]:
     """The step accounting (align-core's own rule) and its description."""
-    from align_core.trainer.loop import plan_steps
     from align_core.trainer.planner import plan_run
 
     try:
         if algorithm == "spin":
-            from align_core.trainer.spin import plan_iterations, trainer_config
+            from align_core.trainer.spin import spin_steps
 
-            iterations = plan_iterations(
+            # The iterations and the run's step accounting as SPIN's training derives them.
+            iterations, steps = spin_steps(
                 run.trainer,
                 prompts=data.train_examples,
                 global_batch_size=run.data.global_batch_size,
                 val_batches=val_batches,
                 train_on_previous_iteration=run.spin.train_on_previous_iteration,
             )
-            total = iterations[-1].end_step if iterations else 0
+            total = steps.max_steps
             first = iterations[0] if iterations else None
-            # Validation and save intervals as in one iteration; max_steps over all of them.
-            steps = plan_steps(
-                trainer_config(run.trainer, max_steps=-1),
-                train_samples=data.train_examples,
-                global_batch_size=run.data.global_batch_size,
-                val_batches=val_batches,
-            )
             per = ", ".join(str(p.steps) for p in iterations)
             text = (
                 f"{total:,} over {len(iterations)} iteration(s) ({per}); each generates "
@@ -450,7 +442,7 @@ def _steps(
                 # One β per iteration: a too short list fails here, not at that iteration.
                 + ", ".join(f"{run.spin.beta(t):g}" for t in range(len(iterations)))
             )
-            return dataclasses.replace(steps, max_steps=total), text
+            return steps, text
         # The planner training uses: the dry run cannot disagree with the run.
         steps = plan_run(
             run,
