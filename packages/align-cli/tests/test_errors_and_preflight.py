@@ -70,14 +70,6 @@ def test_only_rank_0_prints(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.nemo"
-    result = invoke("init-model", str(path), "--num-layers", "1", "--hidden-size", "32")
-    assert result.exit_code == 0, result.output
-    return path
-
-
-@pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory):
     from align_data import write_synthetic_dataset
 

@@ -24,14 +24,6 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.nemo"
-    result = invoke("init-model", str(path), "--num-layers", "1", "--hidden-size", "32")
-    assert result.exit_code == 0, result.output
-    return path
-
-
-@pytest.fixture(scope="module")
 def sft_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sft")
     paths = []

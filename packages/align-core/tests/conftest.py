@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from align_core import DistributedContext, ParallelConfig, init_distributed
+
+# Test helpers (``_core_*.py``) live next to the tests as plain modules with unique names.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

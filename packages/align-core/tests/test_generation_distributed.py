@@ -4,13 +4,10 @@ The script (``gen_scripts/tp_pp_generate.py``) runs every check; each test below
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _core_torchrun import run_torchrun
 
 SCRIPT = Path(__file__).parent / "gen_scripts" / "tp_pp_generate.py"
 CHECKS = [
@@ -20,26 +17,10 @@ CHECKS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
     out = tmp_path_factory.mktemp("tp_pp_generate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(SCRIPT),
-        str(out),
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    proc = run_torchrun(SCRIPT, out, timeout=540)
     if proc.returncode != 0:
         pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _core_torchrun import run_torchrun
 
 from align_core import ModelConfig, build_gpt_model
 from align_core.lora import LoraConfig, add_lora, lora_parameters, lora_state_dict, save_lora
@@ -37,12 +34,6 @@ CHECKS = [
 ]
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _load(path: Path) -> torch.nn.Module:
@@ -86,19 +77,7 @@ def run(dist_ctx, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
     save_lora(model, work / "adapters.pt", LORA)
     torch.save(ref, work / "ref.pt")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(SCRIPT),
-        str(work),
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=560)
+    proc = run_torchrun(SCRIPT, work, timeout=560)
     if proc.returncode != 0:
         pytest.fail(f"torchrun exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return work, ref, [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]

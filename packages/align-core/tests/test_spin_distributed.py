@@ -7,25 +7,16 @@ write the same generations and take the same training steps.
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _core_torchrun import run_torchrun
 
 SCRIPTS = Path(__file__).parent / "spin_scripts"
 _spec = importlib.util.spec_from_file_location("_spin_config", SCRIPTS / "config.py")
 C = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(C)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rows(run_dir: Path, name: str) -> list[dict]:
@@ -39,18 +30,7 @@ def test_two_data_parallel_ranks_with_rollout_size_one_equal_one_process(dist_ct
     from align_core.trainer.spin import train_spin
 
     dp2, out = tmp_path / "dp2", tmp_path / "dp2.json"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(SCRIPTS / "dp2_spin.py"),
-        str(dp2),
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    proc = run_torchrun(SCRIPTS / "dp2_spin.py", dp2, out, timeout=540)
     outcome = json.loads(out.read_text()) if out.is_file() else {}
     assert "crashed" not in outcome, outcome.get("crashed")
     assert proc.returncode == 0, proc.stderr[-4000:]

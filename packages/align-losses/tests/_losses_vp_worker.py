@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,33 @@ def _slice(rank: int) -> slice:
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def _sharded_matches_whole(
+    rank: int,
+    loss: Callable[..., torch.Tensor],
+    student: torch.Tensor,
+    upstream: torch.Tensor,
+    args: tuple[torch.Tensor, ...],
+    local_args: tuple[torch.Tensor, ...],
+    local_kwargs: dict[str, Any],
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """Check that ``loss`` on this rank's vocabulary slice equals ``loss`` on the whole student.
+
+    The sharded call gets ``local_args`` and ``local_kwargs`` (group, vocabulary offset) on top
+    of ``kwargs``; the whole call gets ``args``. Values and the gradients with respect to the
+    student logits (under ``upstream``) must match; returns the sharded result.
+    """
+    local = student[..., _slice(rank)].clone().requires_grad_()
+    full = student.clone().requires_grad_()
+    out = loss(local, *local_args, **local_kwargs, **kwargs)
+    ref = loss(full, *args, **kwargs)
+    _close(out, ref)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    _close(local.grad, full.grad[..., _slice(rank)])
+    return out
 
 
 def check_token_logps(rank: int, group: dist.ProcessGroup) -> None:
@@ -125,15 +153,17 @@ def check_topk_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
             cross_tokenizer=cross,
         )
         weights = torch.rand(2, 3, generator=gen, dtype=torch.float64)
-        local = student[..., _slice(rank)].clone().requires_grad_()
-        whole = student.clone().requires_grad_()
-        out = topk_kd_loss(local, values, ids, group=group, vocab_start=BOUNDS[rank], **kwargs)
-        ref = topk_kd_loss(whole, values, ids, **kwargs)
-        _close(out, ref)
+        out = _sharded_matches_whole(
+            rank,
+            topk_kd_loss,
+            student,
+            weights,
+            (values, ids),
+            (values, ids),
+            dict(group=group, vocab_start=BOUNDS[rank]),
+            kwargs,
+        )
         _close(out, naive_topk_kd(student, values, ids, **kwargs))
-        (out * weights).sum().backward()
-        (ref * weights).sum().backward()
-        _close(local.grad, whole.grad[..., _slice(rank)])
 
 
 MIXTURE_SETTINGS = (
@@ -161,14 +191,16 @@ def check_topk_kd_mixtures(rank: int, group: dist.ProcessGroup) -> None:
             **params,
         )
         upstream = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-        local = student[..., _slice(rank)].clone().requires_grad_()
-        whole = student.clone().requires_grad_()
-        out = topk_kd_loss(local, values, ids, group=group, vocab_start=BOUNDS[rank], **kwargs)
-        ref = topk_kd_loss(whole, values, ids, **kwargs)
-        _close(out, ref)
-        (out * upstream).sum().backward()
-        (ref * upstream).sum().backward()
-        _close(local.grad, whole.grad[..., _slice(rank)])
+        _sharded_matches_whole(
+            rank,
+            topk_kd_loss,
+            student,
+            upstream,
+            (values, ids),
+            (values, ids),
+            dict(group=group, vocab_start=BOUNDS[rank]),
+            kwargs,
+        )
 
 
 def check_full_vocab_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
@@ -182,14 +214,16 @@ def check_full_vocab_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
         teacher[0, 0, BOUNDS[1] :] = float("-inf")
         kwargs = dict(divergence=divergence, student_scale=0.9, teacher_scale=1.1, **params)
         upstream = torch.randn(2, 4, generator=gen, dtype=torch.float64)
-        local = student[..., _slice(rank)].clone().requires_grad_()
-        whole = student.clone().requires_grad_()
-        out = full_vocab_kd_loss(local, teacher[..., _slice(rank)], group=group, **kwargs)
-        ref = full_vocab_kd_loss(whole, teacher, **kwargs)
-        _close(out, ref)
-        (out * upstream).sum().backward()
-        (ref * upstream).sum().backward()
-        _close(local.grad, whole.grad[..., _slice(rank)])
+        _sharded_matches_whole(
+            rank,
+            full_vocab_kd_loss,
+            student,
+            upstream,
+            (teacher,),
+            (teacher[..., _slice(rank)],),
+            dict(group=group),
+            kwargs,
+        )
 
 
 def check_kto_group_baseline(rank: int, group: dist.ProcessGroup) -> None:

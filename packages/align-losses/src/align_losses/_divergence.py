@@ -161,14 +161,7 @@ def pointwise_grad(
       cancel, since :math:`\beta p + (1-\beta) q = m`);
     * ``skew_forward_kl``: :math:`-p\,w`; ``skew_reverse_kl``: :math:`q(b - \log m + 1 - w)`.
 
-    Args:
-        p: Teacher probabilities.
-        log_p: Their logs, clamped to be finite.
-        q: Student probabilities.
-        log_q: Their logs, clamped to be finite.
-        kind: A kind returned by :func:`resolve_divergence`.
-        lam: The teacher's weight λ in the mixture (mixture kinds only).
-        log_m: :func:`log_mixture` of the same inputs when already at hand.
+    The arguments are those of :func:`pointwise_terms`.
 
     Returns:
         A tensor shaped like ``p``.

@@ -18,6 +18,7 @@ upcast; results are float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,28 @@ def _policy(
     if len(shapes) != 1:
         raise ValueError(f"log-probs and lengths must have one shape, got {sorted(shapes)}")
     return chosen, rejected, *(n.to(chosen.dtype).clamp(min=1.0) for n in lengths)
+
+
+def _margin_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    reward: Callable[[Tensor, Tensor], Tensor],
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float,
+) -> PreferenceOutput:
+    """SimPO-shaped loss: ``-log σ(reward(π_c, |y_c|) - reward(π_r, |y_r|) - γ)``, smoothed by ε."""
+    _check_beta(beta)
+    chosen, rejected, len_c, len_r = _policy(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
+    )
+    _check_smoothing(label_smoothing)
+    reward_c, reward_r = reward(chosen, len_c), reward(rejected, len_r)
+    losses = _smoothed_sigmoid(reward_c - reward_r - gamma, label_smoothing)
+    return PreferenceOutput(losses, reward_c.detach(), reward_r.detach())
 
 
 def simpo_loss(
@@ -77,14 +100,16 @@ def simpo_loss(
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards β·π̄.
     """
-    _check_beta(beta)
-    chosen, rejected, len_c, len_r = _policy(
-        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
+    return _margin_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        lambda logps, lengths: beta * logps / lengths,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
     )
-    _check_smoothing(label_smoothing)
-    reward_c, reward_r = beta * chosen / len_c, beta * rejected / len_r
-    losses = _smoothed_sigmoid(reward_c - reward_r - gamma, label_smoothing)
-    return PreferenceOutput(losses, reward_c.detach(), reward_r.detach())
 
 
 def alphapo_loss(
@@ -123,20 +148,23 @@ def alphapo_loss(
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and the detached rewards r(y).
     """
-    _check_beta(beta)
-    chosen, rejected, len_c, len_r = _policy(
-        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
-    )
 
-    def reward(avg: Tensor) -> Tensor:
+    def reward(logps: Tensor, lengths: Tensor) -> Tensor:
+        avg = logps / lengths
         if alpha == 0:
             return beta * avg
         return -(beta / alpha) * torch.expm1(-alpha * avg)
 
-    _check_smoothing(label_smoothing)
-    reward_c, reward_r = reward(chosen / len_c), reward(rejected / len_r)
-    losses = _smoothed_sigmoid(reward_c - reward_r - gamma, label_smoothing)
-    return PreferenceOutput(losses, reward_c.detach(), reward_r.detach())
+    return _margin_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        reward,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+    )
 
 
 def cpo_loss(
