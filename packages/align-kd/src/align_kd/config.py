@@ -10,7 +10,7 @@ dataclass field here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from align_core.generation.config import LengthConfig, SamplingConfig
 from align_data.stores import TeacherDType
@@ -130,7 +130,7 @@ class KnowledgeDistillationConfig:
         return _DIVERGENCE[self.kd_loss]
 
     @property
-    def divergence_options(self) -> dict[str, float]:
+    def divergence_options(self) -> dict[str, Any]:
         """The β or α keyword ``topk_kd_loss`` takes for ``kd_loss`` (none for the plain KLs)."""
         if self.kd_loss == "jsd":
             return {"beta": self.jsd_beta}

@@ -259,6 +259,16 @@ class KDStep:
     needs_reference: bool = False
     ref_shape: int = 0
 
+    def build_packed_micro_batch(
+        self, examples: Sequence[KDExample | SFTExample], collate: CollateConfig, capacity: int
+    ) -> ModelBatch:
+        """Distillation trains on padded rows only.
+
+        Raises:
+            ValueError: Always (``model.data.packing`` is refused for ``kd``).
+        """
+        raise ValueError("model.data.packing is not supported for distillation (kd)")
+
     def build_micro_batch(
         self, examples: Sequence[KDExample | SFTExample], collate: CollateConfig
     ) -> ModelBatch:

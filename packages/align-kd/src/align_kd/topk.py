@@ -76,7 +76,11 @@ def vocab_parallel_topk(
     """
     sharded = group is not None and group.size() > 1
     vocab_local = logits.shape[-1]
-    total = vocab_size if vocab_size is not None else vocab_local * (group.size() if sharded else 1)
+    total = (
+        vocab_size
+        if vocab_size is not None
+        else vocab_local * (group.size() if group is not None and sharded else 1)
+    )
     if not 1 <= k <= total:
         raise ValueError(f"top_k={k} must be in [1, vocabulary size {total}]")
     x = logits.detach().float()
