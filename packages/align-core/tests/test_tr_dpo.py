@@ -24,6 +24,17 @@ def _run(run_dir, reference: ReferenceConfig) -> tuple[object, InMemorySink]:
     return result, sink
 
 
+def _stopped_at_step_2(whole: Path, copy: Path) -> Path:
+    """A copy of the 4-step run ``whole`` as if it had stopped after saving step 2."""
+    shutil.copytree(whole, copy)
+    checkpoints = copy / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000004")
+    for pointer in checkpoints.glob("latest*"):
+        pointer.write_text("step_000002\n")
+    (copy / "final.nemo").unlink(missing_ok=True)
+    return copy
+
+
 @pytest.mark.parametrize("strategy", ["swap", "model"])
 def test_a_hard_copy_every_step_starts_every_step_at_ln2(dist_ctx, tmp_path, strategy):
     """α = 1, τ = 1: at the start of each step the reference is the policy, so DPO's loss is
@@ -47,13 +58,7 @@ def test_soft_updates_agree_across_strategies_and_resume_exactly(dist_ctx, tmp_p
     _, model_sink = _run(tmp_path / "model", dataclasses.replace(reference, strategy="model"))
     assert model_sink.series("loss") == pytest.approx(whole_sink.series("loss"), rel=1e-6)
 
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "whole", resumed_dir)
-    checkpoints = resumed_dir / "checkpoints"
-    shutil.rmtree(checkpoints / "step_000004")
-    for pointer in checkpoints.glob("latest*"):
-        pointer.write_text("step_000002\n")
-    (resumed_dir / "final.nemo").unlink(missing_ok=True)
+    resumed_dir = _stopped_at_step_2(tmp_path / "whole", tmp_path / "resumed")
     resumed, resumed_sink = _run(resumed_dir, reference)
     assert resumed_sink.plan.start_step == 2
     assert resumed_sink.series("loss") == pytest.approx(whole_sink.series("loss")[2:], rel=1e-6)
@@ -96,12 +101,6 @@ def test_bco_pairs_reward_mean_is_checkpointed_and_resumes_exactly(dist_ctx, tmp
     state = dist_checkpointing.load_common_state_dict(str(step_2))["common"]["trainer_state"]
     assert state["algorithm"]["reward_mean"]["count"] == 2 * 2 * 8  # 2 steps × 8 pairs × 2
 
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "whole", resumed_dir)
-    checkpoints = resumed_dir / "checkpoints"
-    shutil.rmtree(checkpoints / "step_000004")
-    for pointer in checkpoints.glob("latest*"):
-        pointer.write_text("step_000002\n")
-    (resumed_dir / "final.nemo").unlink(missing_ok=True)
+    resumed_dir = _stopped_at_step_2(tmp_path / "whole", tmp_path / "resumed")
     resumed = run(resumed_dir)
     assert resumed.series("loss") == pytest.approx(whole.series("loss")[2:], rel=1e-6)
