@@ -93,6 +93,14 @@ def test_kd_dry_run_names_the_teacher_source(tmp_path: Path, tiny_nemo: Path, sf
     assert online.exit_code == 0, online.output
     assert "online, top-16" in online.output
     assert "3 (3 per epoch" in online.output  # 12 examples, 4 per step
+    hosted = invoke(
+        *common, f"{teacher}.restore_from_path={tiny_nemo}", f"{teacher}.placement=host"
+    )
+    assert hosted.exit_code == 0, hosted.output
+    assert "online, top-100 (weights on the host between passes)" in hosted.output
+    wrong = invoke(*common, f"{teacher}.restore_from_path={tiny_nemo}", f"{teacher}.placement=gpu")
+    assert wrong.exit_code == 2
+    assert "placement" in wrong.output and "gpu" in wrong.output
     missing = invoke(*common, f"{teacher}.directory={tmp_path / 'nope'}")
     assert missing.exit_code == 2
     assert "holds no train/ store" in missing.output

@@ -186,11 +186,15 @@ def teacher_nemo(tmp_path_factory):
     return write_tiny_nemo(path, TEACHER_CFG, tokenizer=TokenizerSpec("byte-level"), seed=3)
 
 
-def _run(run_dir, teacher_nemo, *, fraction: float, steps: int, sink: InMemorySink):
+def _run(
+    run_dir, teacher_nemo, *, fraction: float, steps: int, sink: InMemorySink, placement="device"
+):
     return train_kd(
         KDRunConfig(
             run_dir=str(run_dir),
-            teacher=TeacherSourceConfig(restore_from_path=str(teacher_nemo), top_k=8),
+            teacher=TeacherSourceConfig(
+                restore_from_path=str(teacher_nemo), top_k=8, placement=placement
+            ),
             knowledge_distillation=KnowledgeDistillationConfig(
                 tail=True,
                 on_policy=fraction,
@@ -237,10 +241,13 @@ def test_on_policy_run_resumes_to_the_same_losses(dist_ctx, teacher_nemo, tmp_pa
     assert all("on_policy" not in m for _, m in whole.val)  # validation: dataset responses
 
     # Resume from the step-2 checkpoint of the same run (the step-4 one removed): same plan, so
-    # the same learning rates; steps 3 and 4 must repeat exactly, samples included.
+    # the same learning rates; steps 3 and 4 must repeat exactly, samples included. The resumed
+    # run keeps its teacher in host memory between passes, which must change nothing.
     shutil.rmtree(tmp_path / "whole" / "checkpoints" / "step_000004")
     second = InMemorySink()
-    _run(tmp_path / "whole", teacher_nemo, fraction=fraction, steps=4, sink=second)
+    _run(
+        tmp_path / "whole", teacher_nemo, fraction=fraction, steps=4, sink=second, placement="host"
+    )
     assert second.plan is not None and second.plan.start_step == 2
     assert [s for s, _ in second.train] == [3, 4]
     for (step, got), (_, want) in zip(second.train, whole.train[2:], strict=True):

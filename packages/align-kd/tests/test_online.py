@@ -21,6 +21,7 @@ from _kd_helpers import (
 from align_core.schedule import forward_backward
 from align_data import CollateConfig
 from align_kd import (
+    HostWeights,
     KDStep,
     KnowledgeDistillationConfig,
     OnlineTeacher,
@@ -83,6 +84,42 @@ def test_online_equals_offline(setup, cfg):
     for name in g_off:
         torch.testing.assert_close(g_on[name], g_off[name], rtol=1e-4, atol=1e-6, msg=name)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_host_placed_teacher_scores_identically_and_frees_its_weights(setup):
+    _, _, examples, _ = setup
+    step = KDStep(KnowledgeDistillationConfig(), vocab_size=VOCAB)
+    batches = [step.build_micro_batch(examples[i : i + 3], COLLATE) for i in (0, 3)]
+    resident = OnlineTeacher(build(TEACHER_CFG, seed=3), top_k=K, vocab_size=VOCAB, group=None)
+    model = build(TEACHER_CFG, seed=3)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    held_in_forward = []
+    model.register_forward_pre_hook(
+        lambda module, args: held_in_forward.append(
+            sum(p.untyped_storage().nbytes() for p in module.parameters())
+        )
+    )
+    hosted = OnlineTeacher(model, top_k=K, vocab_size=VOCAB, group=None, on_host=True)
+    assert hosted.host_weights is not None and hosted.host_weights.host_bytes == weight_bytes
+    for _ in range(2):  # the second pass proves the weights survive a release
+        assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+        got = hosted.annotate(batches)
+        want = resident.annotate(batches)
+        for g, w in zip(got, want, strict=True):
+            for key in ("teacher_logits", "teacher_ids", "teacher_logsumexp"):
+                assert torch.equal(g[key], w[key]), key
+    assert held_in_forward == [weight_bytes] * 4  # two micro-batches per pass, weights present
+    assert hosted.host_weights.device_bytes == 0
+
+
+def test_host_placement_refuses_parameters_sharing_a_storage():
+    base = torch.zeros(16)
+    halves = torch.nn.ParameterDict({"a": base[:8], "b": base[8:]})
+    with pytest.raises(ValueError, match="parameter a is a view into a larger storage"):
+        HostWeights(halves)
+    aliases = torch.nn.ParameterDict({"a": base, "b": base.view(4, 4)})
+    with pytest.raises(ValueError, match="parameter b shares its storage with a"):
+        HostWeights(aliases)
 
 
 def test_different_vocabularies_need_cross_tokenizer(setup, tmp_path):

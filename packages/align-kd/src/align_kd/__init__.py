@@ -21,7 +21,7 @@ from align_kd.on_policy import (
     on_policy_length,
     on_policy_source,
 )
-from align_kd.online import OnlineTeacher, OnlineTeacherData, freeze
+from align_kd.online import HostWeights, OnlineTeacher, OnlineTeacherData, freeze
 from align_kd.step import (
     TEACHER_KEYS,
     KDExample,
@@ -43,6 +43,7 @@ from align_kd.topk import TopK, vocab_parallel_argmax, vocab_parallel_topk
 from align_kd.train import (
     KDRunConfig,
     KDTeacherRunConfig,
+    TeacherPlacement,
     TeacherSourceConfig,
     run_teacher,
     train_kd,
@@ -56,6 +57,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "ON_POLICY_KEYS",
     "TEACHER_KEYS",
+    "HostWeights",
     "KDExample",
     "KDLoss",
     "KDRunConfig",
@@ -69,6 +71,7 @@ __all__ = [
     "TeacherGroups",
     "TeacherPassConfig",
     "TeacherPassResult",
+    "TeacherPlacement",
     "TeacherSourceConfig",
     "TopK",
     "__version__",

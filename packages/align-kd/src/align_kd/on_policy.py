@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from align_core.generation import (
     generation_seeds,
     rollout,
 )
-from align_kd.online import OnlineTeacher
+from align_kd.online import OnlineTeacher, OnlineTeacherData
 
 __all__ = [
     "ON_POLICY_KEYS",
@@ -123,12 +124,14 @@ class _Substituted(Sequence[Any]):
         return self.replaced[i] if i in self.replaced else self.base[i]
 
 
-class OnPolicyTeacherData:
+@dataclass
+class OnPolicyTeacherData(OnlineTeacherData):
     """A trainer batch source: online-teacher KD batches, a fraction λ of them on-policy.
 
-    See the module docstring for what an on-policy step does.
+    See the module docstring for what an on-policy step does. Sizes and validation batches are
+    `align_kd.online.OnlineTeacherData`'s (validation stays on the dataset's responses).
 
-    Args:
+    Attributes:
         inner: The run's plain source (align-core's ``TrainData`` over SFT examples with a
             `align_kd.KDStep`); its ``train_indices`` and collate are reused.
         teacher: The online teacher (scores every training and validation micro-batch).
@@ -142,45 +145,18 @@ class OnPolicyTeacherData:
         group: The data-parallel group the rollout is sharded over (None: this process).
     """
 
-    def __init__(
-        self,
-        inner: Any,
-        teacher: OnlineTeacher,
-        generator: Generator,
-        *,
-        fraction: float,
-        seed: int,
-        sampling: SamplingConfig,
-        length: LengthConfig,
-        micro_batch_size: int,
-        group: dist.ProcessGroup | None,
-    ) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"on-policy fraction must be in [0, 1], got {fraction}")
-        self.inner = inner
-        self.teacher = teacher
-        self.generator = generator
-        self.fraction = fraction
-        self.seed = seed
-        self.sampling = sampling
-        self.length = length
-        self.micro_batch_size = micro_batch_size
-        self.group = group
+    generator: Generator
+    _: KW_ONLY
+    fraction: float
+    seed: int
+    sampling: SamplingConfig
+    length: LengthConfig
+    micro_batch_size: int
+    group: dist.ProcessGroup | None
 
-    @property
-    def train_samples(self) -> int:
-        """Training examples per epoch."""
-        return int(self.inner.train_samples)
-
-    @property
-    def global_batch_size(self) -> int:
-        """Examples per optimizer step."""
-        return int(self.inner.global_batch_size)
-
-    @property
-    def num_val_batches(self) -> int:
-        """Validation global batches."""
-        return int(self.inner.num_val_batches)
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"on-policy fraction must be in [0, 1], got {self.fraction}")
 
     def step_of(self, consumed_samples: int) -> int:
         """The 0-based index of the global batch that follows ``consumed_samples`` examples."""
@@ -223,10 +199,6 @@ class OnPolicyTeacherData:
         lengths = {i: len(ids) for i, ids in samples.items()}
         batches = _marked(view.train_micro_batches(consumed_samples), lengths)
         return self.teacher.annotate(batches)
-
-    def val_micro_batches(self, index: int) -> list[ModelBatch]:
-        """Validation micro-batches: the dataset's responses, annotated by the teacher."""
-        return self.teacher.annotate(self.inner.val_micro_batches(index))
 
 
 def _marked(batches: list[ModelBatch], lengths: Mapping[int, int] | None) -> list[ModelBatch]:

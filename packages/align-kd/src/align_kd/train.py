@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from align_core.config import ModelConfig, ParallelConfig
 from align_core.optim import OptimizerConfig, SchedulerConfig
@@ -28,7 +28,17 @@ from align_core.trainer.metrics import MetricsSink
 from align_kd.config import KnowledgeDistillationConfig, TeacherPassConfig
 from align_kd.teacher import TeacherPassResult
 
-__all__ = ["KDRunConfig", "KDTeacherRunConfig", "TeacherSourceConfig", "run_teacher", "train_kd"]
+__all__ = [
+    "KDRunConfig",
+    "KDTeacherRunConfig",
+    "TeacherPlacement",
+    "TeacherSourceConfig",
+    "run_teacher",
+    "train_kd",
+]
+
+TeacherPlacement = Literal["device", "host"]
+"""Where an online teacher's weights live between scoring passes (`TeacherSourceConfig`)."""
 
 SPLITS = ("train", "validation")
 
@@ -45,6 +55,12 @@ class TeacherSourceConfig:
         nemo_jsonl_validation: NeMo-Aligner output for validation (with ``nemo_jsonl``).
         restore_from_path: Online: the teacher ``.nemo``, loaded once into this job, frozen.
         top_k: Online: tokens per position computed from the teacher.
+        placement: Online: where the teacher's weights live between its scoring passes.
+            ``device`` (default): resident next to the student, a second model on the same
+            ranks. ``host``: in host memory (pinned on CUDA), copied to the device for each
+            scoring pass and released after it (`align_kd.online.HostWeights`), so the
+            student's training and on-policy generation have the teacher's device memory; each
+            training step then pays one host-to-device copy of the teacher shard.
     """
 
     directory: str | None = None
@@ -52,6 +68,7 @@ class TeacherSourceConfig:
     nemo_jsonl_validation: tuple[str, ...] = ()
     restore_from_path: str | None = None
     top_k: int = 100
+    placement: TeacherPlacement = "device"
 
     def __post_init__(self) -> None:
         given = [
@@ -73,6 +90,16 @@ class TeacherSourceConfig:
             raise ValueError("teacher.nemo_jsonl_validation needs teacher.nemo_jsonl")
         if self.top_k < 1:
             raise ValueError(f"teacher.top_k must be >= 1, got {self.top_k}")
+        if self.placement not in get_args(TeacherPlacement):
+            raise ValueError(
+                f"teacher.placement must be one of {', '.join(get_args(TeacherPlacement))}, "
+                f"got {self.placement!r}"
+            )
+        if self.placement != "device" and not self.online:
+            raise ValueError(
+                "teacher.placement applies to the online teacher (teacher.restore_from_path); "
+                "offline top-k need no teacher weights"
+            )
 
     @property
     def online(self) -> bool:
@@ -351,7 +378,11 @@ def train_kd(run: KDRunConfig, sinks: Sequence[MetricsSink] = ()) -> RunResult:
         kd.effective_top_k(run.teacher.top_k)
         model = freeze(build_policy(teacher_source, run.parallel))
         teacher = OnlineTeacher(
-            model, top_k=run.teacher.top_k, vocab_size=teacher_vocab, group=tensor_group_of(model)
+            model,
+            top_k=run.teacher.top_k,
+            vocab_size=teacher_vocab,
+            group=tensor_group_of(model),
+            on_host=run.teacher.placement == "host",
         )
         datasets = load_datasets(base, source.tokenizer, seq_length)
         train, val = datasets.train, datasets.val

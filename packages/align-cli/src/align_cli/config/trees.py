@@ -174,6 +174,11 @@ def kd_tree() -> type:
             FieldSpec("nemo_jsonl_validation", Any, None, doc="NeMo-Aligner JSONL for validation"),
             spec_of(TeacherSourceConfig, "restore_from_path", doc="online: the teacher .nemo"),
             spec_of(TeacherSourceConfig, "top_k", doc="online: tokens per position"),
+            spec_of(
+                TeacherSourceConfig,
+                "placement",
+                doc="online: teacher weights on the device, or on the host between passes",
+            ),
         ],
     )
     kd = typed_section(
@@ -214,6 +219,7 @@ def _kd_config(tree: Any, run_dir: str, base_model: ModelConfig | None) -> KDRun
         nemo_jsonl_validation=file_list(t.nemo_jsonl_validation, f"{key}.nemo_jsonl_validation"),
         restore_from_path=t.restore_from_path,
         top_k=t.top_k,
+        placement=t.placement,
     )
     kd = extract(KnowledgeDistillationConfig, section, "model.knowledge_distillation")
     train, val = normalize_data_prefix(tree.model.data.data_prefix)
