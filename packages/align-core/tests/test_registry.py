@@ -17,7 +17,12 @@ from align_core.algorithms import (
     get_algorithm,
 )
 from align_core.trainer import RunConfig
-from align_core.trainer.build import build_algorithm, needs_reference, reference_merge
+from align_core.trainer.build import (
+    build_algorithm,
+    forward_merge,
+    needs_reference,
+    reference_merge,
+)
 
 # The algorithms trained by the shared loop, in registry order (SPIN and KD have their own).
 SHARED_LOOP = ["dpo", "ipo", "rpo", "simpo", "cpo", "orpo", "kto", "sft"]
@@ -107,3 +112,17 @@ def test_reference_free_commands_are_dpo_presets_without_a_reference(name: str) 
     assert config.preference_loss == name
     assert spec.needs_reference(config) is False
     assert spec.build_step(config).needs_reference is False
+
+
+def test_forward_merge_counts_training_micro_batches_and_refuses_uneven_splits() -> None:
+    # DPO counts pairs (one unit per example), KTO its two sequences, SPIN pairs; SFT has no
+    # reference. SPIN's run and the shared loop take the same rule.
+    assert forward_merge("dpo", 8, micro_batch_size=2, accumulation=4) == 4
+    assert forward_merge("kto", 8, micro_batch_size=2, accumulation=4) == 2
+    assert forward_merge("spin", 6, micro_batch_size=2, accumulation=3) == 3
+    assert forward_merge("sft", 8, micro_batch_size=2) == 1
+    assert forward_merge("dpo", None, micro_batch_size=2) == 1
+    with pytest.raises(ValueError, match=r"model\.kto\.log_prob_forward_micro_batch_size 6 must"):
+        forward_merge("kto", 6, micro_batch_size=2)
+    with pytest.raises(ValueError, match="covers 2 training micro-batches, which does not divide"):
+        forward_merge("spin", 4, micro_batch_size=2, accumulation=3)

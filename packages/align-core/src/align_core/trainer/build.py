@@ -30,9 +30,11 @@ __all__ = [
     "ModelSource",
     "algorithm_config",
     "build_algorithm",
+    "forward_merge",
     "load_datasets",
     "needs_reference",
     "on_main_then_all",
+    "reference_merge",
     "resolve_model_source",
     "tokenizer_from_spec",
 ]
@@ -288,18 +290,43 @@ def needs_reference(run: RunConfig) -> bool:
     return get_algorithm(run.algorithm).needs_reference(algorithm_config(run))
 
 
-def reference_merge(run: RunConfig) -> int:
-    """Training micro-batches per reference forward (``log_prob_forward_micro_batch_size``)."""
-    spec: AlgorithmSpec = get_algorithm(run.algorithm)
-    if not spec.reference_unit:
+def forward_merge(
+    algorithm: str, size: int | None, *, micro_batch_size: int, accumulation: int | None = None
+) -> int:
+    """Training micro-batches per reference forward, from ``log_prob_forward_micro_batch_size``.
+
+    Args:
+        algorithm: The registry name (its ``reference_unit``: sequences per example in one
+            reference row count, 0 without a reference).
+        size: ``model.<section>.log_prob_forward_micro_batch_size``; None: 1.
+        micro_batch_size: Examples per training micro-batch.
+        accumulation: Training micro-batches per step on a rank; None skips that check.
+
+    Raises:
+        ValueError: ``size`` is not a whole number of training micro-batches, or they do not
+            divide a step's micro-batches (every reference forward must have the same shape).
+    """
+    spec: AlgorithmSpec = get_algorithm(algorithm)
+    if not spec.reference_unit or size is None:
         return 1
-    size = algorithm_config(run).log_prob_forward_micro_batch_size
-    unit = spec.reference_unit * run.data.micro_batch_size
-    if size is None:
-        return 1
+    key = f"model.{spec.section}.log_prob_forward_micro_batch_size"
+    unit = spec.reference_unit * micro_batch_size
     if size % unit:
+        raise ValueError(f"{key} {size} must be a multiple of {unit} (one training micro-batch)")
+    merge = size // unit
+    if accumulation is not None and accumulation % merge:
         raise ValueError(
-            f"model.{run.algorithm}.log_prob_forward_micro_batch_size {size} must be a multiple "
-            f"of {unit} (the sequences of one training micro-batch)"
+            f"{key} {size} covers {merge} training micro-batches, which does not divide the "
+            f"{accumulation} micro-batches of a step"
         )
-    return size // unit
+    return merge
+
+
+def reference_merge(run: RunConfig, accumulation: int | None = None) -> int:
+    """`forward_merge` of a shared-loop run (``accumulation``: micro-batches per step)."""
+    return forward_merge(
+        run.algorithm,
+        getattr(algorithm_config(run), "log_prob_forward_micro_batch_size", None),
+        micro_batch_size=run.data.micro_batch_size,
+        accumulation=accumulation,
+    )

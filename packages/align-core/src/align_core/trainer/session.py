@@ -148,12 +148,7 @@ def _build_reference(
 ) -> ReferencePolicy:
     from megatron.core import parallel_state as ps
 
-    merge = reference_merge(run)
-    if merge > 1 and data.accumulation_steps % merge:
-        raise ValueError(
-            f"log_prob_forward_micro_batch_size covers {merge} training micro-batches, which "
-            f"does not divide the {data.accumulation_steps} micro-batches of a step"
-        )
+    merge = reference_merge(run, data.accumulation_steps)
     if strategy == "swap":
         return SwapReference(policy, forward_fn, merge=merge)
     if strategy == "model":

@@ -40,6 +40,7 @@ from align_core.generation import (
 from align_core.reference import TrainOnlyReference, refreshable_reference
 from align_core.trainer.build import (
     build_policy,
+    forward_merge,
     load_datasets,
     on_main_then_all,
     resolve_model_source,
@@ -78,19 +79,6 @@ def _locate(plans: Sequence[IterationPlan], step: int) -> tuple[int, int]:
 
 def _iteration_seed(seed: int, iteration: int) -> int:
     return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
-
-
-def _reference_merge(run: SPINRunConfig, accumulation: int) -> int:
-    size, mbs = run.spin.log_prob_forward_micro_batch_size, run.data.micro_batch_size
-    if size is None:
-        return 1
-    if size % mbs or accumulation % (size // mbs):
-        raise ValueError(
-            f"model.spin.log_prob_forward_micro_batch_size {size} must be a multiple of "
-            f"model.micro_batch_size {mbs} covering a divisor of the {accumulation} "
-            "micro-batches of a step"
-        )
-    return size // mbs
 
 
 def _check_config(run: SPINRunConfig) -> None:
@@ -213,7 +201,12 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
         strategy,
         policy,
         forward_fn,
-        merge=_reference_merge(run, gbs // (mbs * ctx.data_parallel_size)),
+        merge=forward_merge(
+            "spin",
+            spin.log_prob_forward_micro_batch_size,
+            micro_batch_size=mbs,
+            accumulation=gbs // (mbs * ctx.data_parallel_size),
+        ),
         reference_model=build_policy(source, run.parallel) if strategy == "model" else None,
     )
 
