@@ -112,6 +112,25 @@ def test_host_placed_teacher_scores_identically_and_frees_its_weights(setup):
     assert hosted.host_weights.device_bytes == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (device memory to free)")
+def test_host_placed_teacher_returns_its_weights_device_memory(setup):
+    _, _, examples, _ = setup
+    model = build(TEACHER_CFG, seed=3)  # on the current CUDA device
+    params = list(model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    teacher = OnlineTeacher(model, top_k=K, vocab_size=VOCAB, group=None, on_host=True)
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    assert weight_bytes <= freed <= weight_bytes + 512 * len(params)  # the allocator's rounding
+    step = KDStep(KnowledgeDistillationConfig(), vocab_size=VOCAB)
+    out = teacher.annotate([step.build_micro_batch(examples[:3], COLLATE)])
+    assert out[0]["teacher_ids"].is_cuda and all(p.is_cuda for p in params)
+    assert teacher.host_weights is not None and teacher.host_weights.device_bytes == 0
+
+
 def test_host_placement_refuses_parameters_sharing_a_storage():
     base = torch.zeros(16)
     halves = torch.nn.ParameterDict({"a": base[:8], "b": base[8:]})
