@@ -59,6 +59,34 @@ def dense_kl(teacher_logits: Tensor, student_logits: Tensor, divergence: str) ->
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
+def assert_close_with_grad(
+    out: Tensor,
+    ref: Tensor,
+    wrt: Tensor | tuple[Tensor, ...],
+    weights: Tensor | None = None,
+    **tolerances: float,
+) -> tuple[Tensor, ...]:
+    """Assert that ``out`` and ``ref`` agree in value and in gradient with respect to ``wrt``.
+
+    The gradients are those of ``(values * weights).sum()`` (``values.sum()`` without weights);
+    ``tolerances`` go to ``torch.testing.assert_close``. Returns the gradients of ``out``.
+    """
+    torch.testing.assert_close(out, ref, **tolerances)
+    inputs = wrt if isinstance(wrt, tuple) else (wrt,)
+    got = torch.autograd.grad(out.sum() if weights is None else (out * weights).sum(), inputs)
+    want = torch.autograd.grad(ref.sum() if weights is None else (ref * weights).sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerances)
+    return got
+
+
+def assert_zero_with_grad(out: Tensor, wrt: Tensor, atol: float) -> None:
+    """Assert that ``out`` and the gradient of its sum with respect to ``wrt`` vanish (± atol)."""
+    (grad,) = torch.autograd.grad(out.sum(), wrt)
+    torch.testing.assert_close(out, torch.zeros_like(out), atol=atol, rtol=0)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=atol, rtol=0)
+
+
 class SavedTensorBytes:
     """Context manager recording every tensor autograd saves for backward."""
 

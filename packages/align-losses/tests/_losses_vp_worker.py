@@ -71,6 +71,20 @@ def _sharded_matches_whole(
     return out
 
 
+def _token_logps_sharded_matches_whole(
+    rank: int,
+    group: dist.ProcessGroup,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    upstream: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_sharded_matches_whole` for ``token_logps``."""
+    local_kwargs = dict(group=group, vocab_start=BOUNDS[rank])
+    return _sharded_matches_whole(
+        rank, token_logps, logits, upstream, (labels,), (labels,), local_kwargs, {}
+    )
+
+
 def check_token_logps(rank: int, group: dist.ProcessGroup) -> None:
     gen = torch.Generator().manual_seed(0)
     for scale in (3.0, 1e4):
@@ -78,15 +92,8 @@ def check_token_logps(rank: int, group: dist.ProcessGroup) -> None:
         labels = torch.randint(0, VOCAB, (2, 5), generator=gen)
         labels[0, 0] = -100
         weights = torch.randn(2, 5, generator=gen, dtype=torch.float64)
-        local = full[..., _slice(rank)].clone().requires_grad_()
-        whole = full.clone().requires_grad_()
-        out = token_logps(local, labels, group=group, vocab_start=BOUNDS[rank])
-        ref = token_logps(whole, labels)
-        _close(out, ref)
+        out = _token_logps_sharded_matches_whole(rank, group, full, labels, weights)
         _close(out, naive_token_logps(full, labels))
-        (out * weights).sum().backward()
-        (ref * weights).sum().backward()
-        _close(local.grad, whole.grad[..., _slice(rank)])
 
 
 def check_token_logps_padded_shard(rank: int, group: dist.ProcessGroup) -> None:
@@ -95,14 +102,7 @@ def check_token_logps_padded_shard(rank: int, group: dist.ProcessGroup) -> None:
     full = torch.randn(4, VOCAB, generator=gen, dtype=torch.float64)
     full[:2, BOUNDS[1] :] = float("-inf")
     labels = torch.tensor([0, 5, 7, 10])
-    local = full[:, _slice(rank)].clone().requires_grad_()
-    whole = full.clone().requires_grad_()
-    out = token_logps(local, labels, group=group, vocab_start=BOUNDS[rank])
-    ref = token_logps(whole, labels)
-    _close(out, ref)
-    out.sum().backward()
-    ref.sum().backward()
-    _close(local.grad, whole.grad[:, _slice(rank)])
+    _token_logps_sharded_matches_whole(rank, group, full, labels, torch.ones(4, dtype=full.dtype))
 
 
 def check_sequence_logps_average(rank: int, group: dist.ProcessGroup) -> None:
@@ -138,31 +138,46 @@ def check_chunked_linear_logps(rank: int, group: dist.ProcessGroup) -> None:
     _close(w_local.grad, w_full.grad[_slice(rank)])
 
 
+def _topk_case(
+    gen: torch.Generator, k: int, divergence: str, tail: bool, cross: bool, **params: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A random student, the top-K of a random teacher, and ``topk_kd_loss`` keyword arguments."""
+    student = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
+    values, ids = teacher.topk(k, dim=-1)
+    kwargs = dict(
+        divergence=divergence,
+        student_scale=0.8,
+        teacher_logsumexp=teacher.logsumexp(-1) if tail else None,
+        cross_tokenizer=cross,
+        **params,
+    )
+    return student, values, ids, kwargs
+
+
+def _topk_sharded_matches_whole(
+    rank: int,
+    group: dist.ProcessGroup,
+    student: torch.Tensor,
+    upstream: torch.Tensor,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor],
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """:func:`_sharded_matches_whole` for ``topk_kd_loss`` with the teacher's (values, ids)."""
+    local_kwargs = dict(group=group, vocab_start=BOUNDS[rank])
+    return _sharded_matches_whole(
+        rank, topk_kd_loss, student, upstream, teacher_topk, teacher_topk, local_kwargs, kwargs
+    )
+
+
 def check_topk_kd_loss(rank: int, group: dist.ProcessGroup) -> None:
     gen = torch.Generator().manual_seed(3)
     for divergence, tail, cross, k in itertools.product(
         ("forward_kl", "reverse_kl"), (False, True), (False, True), (4, 7)
     ):
-        student = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
-        teacher = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
-        values, ids = teacher.topk(k, dim=-1)
-        kwargs = dict(
-            divergence=divergence,
-            student_scale=0.8,
-            teacher_logsumexp=teacher.logsumexp(-1) if tail else None,
-            cross_tokenizer=cross,
-        )
+        student, values, ids, kwargs = _topk_case(gen, k, divergence, tail, cross)
         weights = torch.rand(2, 3, generator=gen, dtype=torch.float64)
-        out = _sharded_matches_whole(
-            rank,
-            topk_kd_loss,
-            student,
-            weights,
-            (values, ids),
-            (values, ids),
-            dict(group=group, vocab_start=BOUNDS[rank]),
-            kwargs,
-        )
+        out = _topk_sharded_matches_whole(rank, group, student, weights, (values, ids), kwargs)
         _close(out, naive_topk_kd(student, values, ids, **kwargs))
 
 
@@ -179,28 +194,10 @@ def check_topk_kd_mixtures(rank: int, group: dist.ProcessGroup) -> None:
     for (divergence, params), tail, cross, k in itertools.product(
         MIXTURE_SETTINGS, (False, True), (False, True), (4, 7)
     ):
-        student = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
-        teacher = torch.randn(2, 3, VOCAB, generator=gen, dtype=torch.float64) * 2
-        values, ids = teacher.topk(k, dim=-1)
-        kwargs = dict(
-            divergence=divergence,
-            student_scale=0.8,
-            teacher_logsumexp=teacher.logsumexp(-1) if tail else None,
-            cross_tokenizer=cross,
-            token_weights=torch.rand(2, 3, generator=gen, dtype=torch.float64),
-            **params,
-        )
+        student, values, ids, kwargs = _topk_case(gen, k, divergence, tail, cross, **params)
+        kwargs["token_weights"] = torch.rand(2, 3, generator=gen, dtype=torch.float64)
         upstream = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-        _sharded_matches_whole(
-            rank,
-            topk_kd_loss,
-            student,
-            upstream,
-            (values, ids),
-            (values, ids),
-            dict(group=group, vocab_start=BOUNDS[rank]),
-            kwargs,
-        )
+        _topk_sharded_matches_whole(rank, group, student, upstream, (values, ids), kwargs)
 
 
 def check_full_vocab_kd_loss(rank: int, group: dist.ProcessGroup) -> None:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from _losses_reference import SavedTensorBytes, naive_token_logps
+from _losses_reference import SavedTensorBytes, assert_close_with_grad, naive_token_logps
 
 from align_losses import chunked_linear_logps, sequence_logps, token_logps
 
@@ -47,10 +47,7 @@ def test_token_logps_matches_naive(dtype: torch.dtype, chunked: bool, request) -
     out = token_logps(logits, labels)
     ref = naive_token_logps(logits, labels)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(
-        _grad(out, logits, weights), _grad(ref, logits, weights), atol=tol, rtol=tol
-    )
+    assert_close_with_grad(out, ref, logits, weights, atol=tol, rtol=tol)
 
 
 def test_token_logps_custom_ignore_index() -> None:
@@ -172,22 +169,26 @@ def test_sequence_logps_average_with_no_tokens_is_zero_not_nan() -> None:
 # ------------------------------------------------------------------ chunked_linear_logps
 
 
+def _linear_case(
+    seed: int, ignored: tuple[int, int], *, frozen_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[2, 4, 6]`` hidden states, an ``[11, 6]`` weight, labels with one ignored, weights."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    weight.requires_grad_(not frozen_weight)
+    labels = torch.randint(0, 11, (2, 4), generator=gen)
+    labels[ignored] = -100
+    weights = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    return hidden, weight, labels, weights
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
 def test_chunked_linear_matches_unfused(chunk_size: int) -> None:
-    gen = torch.Generator().manual_seed(4)
-    hidden = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 11, (2, 4), generator=gen)
-    labels[1, 1] = -100
-    weights = torch.randn(2, 4, generator=gen, dtype=torch.float64)
-
+    hidden, weight, labels, weights = _linear_case(4, (1, 1), frozen_weight=False)
     out = chunked_linear_logps(hidden, weight, labels, chunk_size=chunk_size)
     ref = naive_token_logps(hidden @ weight.T, labels)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    got = torch.autograd.grad((out * weights).sum(), (hidden, weight))
-    want = torch.autograd.grad((ref * weights).sum(), (hidden, weight))
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    assert_close_with_grad(out, ref, (hidden, weight), weights, atol=1e-12, rtol=1e-12)
 
 
 def test_chunked_linear_gradcheck() -> None:
@@ -223,17 +224,10 @@ def test_chunked_linear_frozen_hidden_gives_the_weight_gradient() -> None:
 @pytest.mark.parametrize("chunk_size", [1, 3, 100])
 def test_chunked_linear_frozen_weight_matches_unfused(chunk_size: int) -> None:
     # A frozen weight takes the path that forms the hidden-state gradient in forward.
-    gen = torch.Generator().manual_seed(6)
-    hidden = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 6, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, 11, (2, 4), generator=gen)
-    labels[0, 2] = -100
-    weights = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    hidden, weight, labels, weights = _linear_case(6, (0, 2), frozen_weight=True)
     out = chunked_linear_logps(hidden, weight, labels, chunk_size=chunk_size)
     ref = naive_token_logps(hidden @ weight.T, labels)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    got, want = _grad(out, hidden, weights), _grad(ref, hidden, weights)
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    (got,) = assert_close_with_grad(out, ref, hidden, weights, atol=1e-12, rtol=1e-12)
     assert torch.equal(got[0, 2], torch.zeros(6, dtype=torch.float64))  # ignored position
 
 

@@ -89,3 +89,29 @@ class Workspace:
         if self._buf is None or self._buf.shape[0] < n:
             self._buf = torch.empty(n, self._cols, dtype=self._dtype, device=self._device)
         return self._buf[:n]
+
+
+def gradient_row_chunks(
+    grad: Tensor, x: Tensor, dtype: torch.dtype
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Iterate over ``x[..., V]`` by :func:`row_chunks` to fill ``grad`` (shaped like ``x``).
+
+    Args:
+        grad: contiguous output, ``x``'s shape and dtype.
+        x: tensor whose last dimension is the vocabulary.
+        dtype: the dtype the caller computes each chunk's gradient in.
+
+    Yields:
+        ``(rows, chunk, buf)``: a row chunk of ``x`` and the ``[len(rows), V]`` buffer to write its
+        gradient into, in ``dtype``. ``buf`` is the matching rows of ``grad`` itself when
+        ``dtype`` is ``grad``'s, else a reused workspace copied into ``grad`` once the caller
+        resumes the iteration.
+    """
+    grad_rows = grad.view(-1, x.shape[-1])
+    work = None if dtype == grad.dtype else Workspace(x.shape[-1], dtype, x.device)
+    for rows, chunk in row_chunks(x):
+        out = grad_rows[rows]
+        buf = out if work is None else work.rows(chunk.shape[0])
+        yield rows, chunk, buf
+        if work is not None:
+            out.copy_(buf)

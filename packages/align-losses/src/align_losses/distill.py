@@ -32,7 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from align_losses._common import Workspace, chunk_rows, compute_dtype, row_chunks, upcast
+from align_losses._common import (
+    Workspace,
+    chunk_rows,
+    compute_dtype,
+    gradient_row_chunks,
+    row_chunks,
+    upcast,
+)
 from align_losses._divergence import (
     MIXTURE_KINDS,
     KDDivergence,
@@ -156,7 +163,6 @@ class _TopKTailLogProbs(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:
         logits, columns, owned, log_q, tail_lse = ctx.saved_tensors
         scale = ctx.scale
-        vocab_local = logits.shape[-1]
         cdt = log_q.dtype
         top_k = columns.shape[-1]
         g = grad_out.reshape(-1, top_k + 1).to(cdt)
@@ -170,20 +176,13 @@ class _TopKTailLogProbs(torch.autograd.Function):
         neg_tail_lse = tail_lse.neg().unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(-1, vocab_local)
-        direct = cdt == logits.dtype
-        work = None if direct else Workspace(vocab_local, cdt, logits.device)
-        for rows, chunk in row_chunks(logits):
-            out = grad_rows[rows]
-            buf = out if work is None else work.rows(chunk.shape[0])
+        for rows, chunk, buf in gradient_row_chunks(grad, logits, cdt):
             torch.add(neg_tail_lse[rows], chunk, alpha=scale, out=buf)
             # Tail tokens have z'_v ≤ L_tail; the clamp only keeps id positions finite.
             buf.clamp_(max=0.0).exp_().mul_(tail_coef[rows])
             current = buf.gather(1, columns[rows])
             fix = torch.where(owned[rows], id_grad[rows] - current, torch.zeros_like(current))
             buf.scatter_add_(1, columns[rows], fix)
-            if work is not None:
-                out.copy_(buf)
         return grad, None, None, None, None
 
 

@@ -17,11 +17,11 @@ from torch import Tensor
 from align_losses.preference import (
     PreferenceOutput,
     _check_beta,
+    _check_smoothing,
     _log_ratios,
     _output,
     _smoothed_sigmoid,
 )
-from align_losses.preference_variants import _check_smoothing
 
 __all__ = ["FDivergence", "fdpo_loss"]
 
@@ -65,16 +65,10 @@ def fdpo_loss(
     summed log-probs of long responses the forward-KL and α terms grow like exp(−log-ratio), so
     averaged log-probs are the safer input.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: as :func:`~align_losses.dpo_loss`, plus:
         divergence: ``"reverse_kl"``, ``"forward_kl"``, ``"js_divergence"`` or
             ``"alpha_divergence"``.
         divergence_alpha: α > 0 of the α-divergence (ignored by the others).
-        label_smoothing: ε in ``[0, 0.5]`` (cDPO smoothing of the logistic loss).
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards β·(π − π_ref).

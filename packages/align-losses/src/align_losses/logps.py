@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_losses._common import Workspace, compute_dtype, row_chunks
+from align_losses._common import Workspace, compute_dtype, gradient_row_chunks, row_chunks
 from align_losses._vocab_parallel import (
     ProcessGroup,
     all_reduce,
@@ -98,7 +98,6 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         logits, columns, owned, valid, factor = ctx.saved_tensors
-        vocab_local = logits.shape[-1]
         cdt = compute_dtype(logits.dtype)
         g = grad_out.reshape(-1).to(cdt)
         g = torch.where(valid, g, torch.zeros_like(g))
@@ -108,20 +107,13 @@ class _TokenLogps(torch.autograd.Function):
         dead = None if factor is None else (factor == 0).unsqueeze(1)
 
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_rows = grad.view(-1, vocab_local)
-        direct = cdt == logits.dtype
-        work = None if direct else Workspace(vocab_local, cdt, logits.device)
-        for rows, chunk in row_chunks(logits):
-            out = grad_rows[rows]
-            buf = out if work is None else work.rows(chunk.shape[0])
+        for rows, chunk, buf in gradient_row_chunks(grad, logits, cdt):
             # d log p_y / d z_v = 1[v = y] − softmax(z)_v, times the upstream gradient.
             torch.softmax(chunk, -1, dtype=cdt, out=buf)
             buf.mul_(coef[rows])
             if dead is not None:
                 buf.masked_fill_(dead[rows], 0.0)
             buf.scatter_add_(1, columns[rows].unsqueeze(1), g_target[rows])
-            if work is not None:
-                out.copy_(buf)
         return grad, None, None, None, None
 
 

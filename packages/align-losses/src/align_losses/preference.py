@@ -50,6 +50,13 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be positive, got {beta}")
 
 
+def _check_smoothing(label_smoothing: float, *, upper: float = 0.5, closed: bool = True) -> None:
+    inside = label_smoothing <= upper if closed else label_smoothing < upper
+    if not (label_smoothing >= 0.0 and inside):
+        bracket = "]" if closed else ")"
+        raise ValueError(f"label_smoothing must be in [0, {upper}{bracket}, got {label_smoothing}")
+
+
 def _log_ratios(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -65,6 +72,20 @@ def _log_ratios(
     chosen = upcast(policy_chosen_logps) - upcast(ref_chosen_logps).detach()
     rejected = upcast(policy_rejected_logps) - upcast(ref_rejected_logps).detach()
     return chosen, rejected
+
+
+def _checked_log_ratios(
+    beta: float,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_log_ratios` after checking β (for losses with no other argument to check)."""
+    _check_beta(beta)
+    return _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
 
 
 def _smoothed_sigmoid(logits: Tensor, label_smoothing: float) -> Tensor:
@@ -112,8 +133,7 @@ def dpo_loss(
         ValueError: for β ≤ 0, ε outside ``[0, 0.5]`` or mismatched shapes.
     """
     _check_beta(beta)
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    _check_smoothing(label_smoothing)
     chosen, rejected = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
@@ -145,12 +165,7 @@ def ipo_loss(
     the token count). Summed log-probs (NeMo-Aligner's default,
     ``preference_average_log_probs=False``) make the same margin a per-sequence one.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: regularisation strength β > 0; the target margin is 1/(2β).
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`dpo_loss`; the target margin is 1/(2β).
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
@@ -158,9 +173,8 @@ def ipo_loss(
     Raises:
         ValueError: for β ≤ 0 or mismatched shapes.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     losses = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
     return _output(losses, chosen, rejected, beta)
@@ -200,14 +214,9 @@ def rpo_loss(
     report, Section 3.4.3, https://arxiv.org/abs/2406.11704. Not to be confused with TRL's former
     ``rpo_alpha`` (DPO plus an NLL term), which is ``dpo_loss`` plus ``-sequence_logps``.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`dpo_loss`, plus:
         chosen_gt_rewards: ``[B]`` ground-truth rewards R_c of the chosen responses.
         rejected_gt_rewards: ``[B]`` ground-truth rewards R_r of the rejected responses.
-        beta: β > 0.
         gt_reward_scale: η, the scale applied to the ground-truth reward gap.
         divergence: ``"sq"``, ``"bwd_kl"`` (target distribution first) or ``"fwd_kl"``.
 

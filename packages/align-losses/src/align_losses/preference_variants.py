@@ -31,6 +31,8 @@ from align_losses._common import upcast
 from align_losses.preference import (
     PreferenceOutput,
     _check_beta,
+    _check_smoothing,
+    _checked_log_ratios,
     _log_ratios,
     _output,
     _smoothed_sigmoid,
@@ -54,13 +56,6 @@ __all__ = [
 ]
 
 
-def _check_smoothing(label_smoothing: float, *, upper: float = 0.5, closed: bool = True) -> None:
-    inside = label_smoothing <= upper if closed else label_smoothing < upper
-    if not (label_smoothing >= 0.0 and inside):
-        bracket = "]" if closed else ")"
-        raise ValueError(f"label_smoothing must be in [0, {upper}{bracket}, got {label_smoothing}")
-
-
 def hinge_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -77,19 +72,13 @@ def hinge_loss(
     Rejection Sampling Improves Preference Optimization" (RSO), https://arxiv.org/abs/2309.06657.
     1/β is the margin. At policy = reference the loss is 1.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0, the inverse margin.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     losses = torch.relu(1.0 - beta * (chosen - rejected))
     return _output(losses, chosen, rejected, beta)
@@ -119,12 +108,7 @@ def robust_loss(
     every ε; the gradient with respect to βΔ there is −1/(2(1−2ε)) (cDPO's: −(1−2ε)/2). ε = 0 is
     plain DPO.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: as :func:`~align_losses.dpo_loss`, except
         label_smoothing: ε in ``[0, 0.5)``, the assumed label-flip rate.
 
     Returns:
@@ -165,13 +149,8 @@ def exo_pair_loss(
     https://arxiv.org/abs/2402.00856 (the K = 2 case). ε must be positive (ε = 0 makes the target
     degenerate); TRL's default is 10⁻³. At Δ = 0 the loss is −ln 2 − ½ ln(ε(1−ε)).
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
-        label_smoothing: ε in ``(0, 0.5]``.
+    Args: as :func:`~align_losses.dpo_loss`, except
+        label_smoothing: ε in ``(0, 0.5]`` (positive).
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
@@ -206,19 +185,13 @@ def nca_pair_loss(
     Chen et al., 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
     https://arxiv.org/abs/2402.05369. At policy = reference the loss is 2 ln 2.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     rc, rr = beta * chosen, beta * rejected
     losses = -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
@@ -291,20 +264,14 @@ def bco_pair_loss(
     update it with :func:`bco_reward_mean` *before* calling this (TRL's order: the current batch
     is part of δ). At policy = reference and δ = 0 the loss is 2 ln 2.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`, plus:
         reward_mean: δ, a scalar (``RewardMean.mean``), detached.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     delta = torch.as_tensor(reward_mean, dtype=chosen.dtype, device=chosen.device).detach()
     losses = -F.logsigmoid(beta * chosen - delta) - F.logsigmoid(-(beta * rejected - delta))
@@ -327,22 +294,37 @@ def sppo_hard_loss(
     https://arxiv.org/abs/2405.00675 (the squared loss with P(y ≻ π) replaced by the hard label,
     as TRL's ``sppo_hard``). At policy = reference the loss is 1/(2β²).
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0; the targets are ±1/(2β).
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     target = 1.0 / (2.0 * beta)
     losses = (chosen - target) ** 2 + (rejected + target) ** 2
+    return _output(losses, chosen, rejected, beta)
+
+
+def _transport_loss(
+    logps: tuple[Tensor, Tensor, Tensor, Tensor],
+    beta: float,
+    label_smoothing: float,
+    *,
+    paired: bool,
+) -> PreferenceOutput:
+    """Smoothed DPO loss on batch-sorted quantiles: of the margins (paired) or the log-ratios."""
+    _check_beta(beta)
+    _check_smoothing(label_smoothing)
+    chosen, rejected = _log_ratios(*logps)
+    if paired:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected = map(upcast, logps)
+        first, second = policy_chosen - policy_rejected, (ref_chosen - ref_rejected).detach()
+    else:
+        first, second = chosen, rejected
+    sorted_delta = torch.sort(first, dim=0).values - torch.sort(second, dim=0).values
+    losses = _smoothed_sigmoid(beta * sorted_delta, label_smoothing)
     return _output(losses, chosen, rejected, beta)
 
 
@@ -369,27 +351,13 @@ def aot_loss(
     not to pair i; the mean over the batch is what is meaningful, and it depends on the whole
     batch (larger batches approximate the distributions better). Rewards are per pair, as usual.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
-        label_smoothing: ε in ``[0, 0.5]``.
+    Args: as :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` quantile losses and detached per-pair rewards.
     """
-    _check_beta(beta)
-    _check_smoothing(label_smoothing)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    margins = upcast(policy_chosen_logps) - upcast(policy_rejected_logps)
-    ref_margins = (upcast(ref_chosen_logps) - upcast(ref_rejected_logps)).detach()
-    sorted_delta = torch.sort(margins, dim=0).values - torch.sort(ref_margins, dim=0).values
-    losses = _smoothed_sigmoid(beta * sorted_delta, label_smoothing)
-    return _output(losses, chosen, rejected, beta)
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return _transport_loss(logps, beta, label_smoothing, paired=True)
 
 
 def aot_pair_loss(
@@ -413,25 +381,13 @@ def aot_pair_loss(
     ``aot_unpaired``: the pairing of the data is not used). As for :func:`aot_loss`, the losses are
     per quantile and depend on the whole batch.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
-        label_smoothing: ε in ``[0, 0.5]``.
+    Args: as :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` quantile losses and detached per-pair rewards.
     """
-    _check_beta(beta)
-    _check_smoothing(label_smoothing)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    sorted_delta = torch.sort(chosen, dim=0).values - torch.sort(rejected, dim=0).values
-    losses = _smoothed_sigmoid(beta * sorted_delta, label_smoothing)
-    return _output(losses, chosen, rejected, beta)
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return _transport_loss(logps, beta, label_smoothing, paired=False)
 
 
 def apo_zero_loss(
@@ -450,19 +406,13 @@ def apo_zero_loss(
     https://arxiv.org/abs/2408.06266. For when the chosen responses are better than the model's
     own. At policy = reference the loss is 1.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     losses = torch.sigmoid(-beta * chosen) + torch.sigmoid(beta * rejected)
     return _output(losses, chosen, rejected, beta)
@@ -483,19 +433,13 @@ def apo_down_loss(
     D'Oosterlinck et al., 2024, https://arxiv.org/abs/2408.06266. For when the model's own
     responses are already better than the chosen ones. At policy = reference the loss is 1.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     losses = torch.sigmoid(beta * chosen) + torch.sigmoid(-beta * (chosen - rejected))
     return _output(losses, chosen, rejected, beta)
@@ -521,12 +465,7 @@ def discopop_loss(
     as :math:`\exp(\log\sigma(x/\tau) - x)`, finite wherever the loss is. At policy = reference
     the loss is (1 + ln 2)/2.
 
-    Args:
-        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses (no gradient).
-        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses (no gradient).
-        beta: β > 0.
+    Args: the log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`, plus:
         discopop_tau: τ > 0, the temperature of the modulation (the paper's 0.05).
 
     Returns:
@@ -569,21 +508,15 @@ def sigmoid_norm_loss(
     ``dpo_loss`` on ``sequence_logps(..., average=True)`` of policy and reference. At policy =
     reference the loss is ln 2. Rewards are the usual unnormalised β·(π − π_ref).
 
-    Args:
-        policy_chosen_logps: ``[B]`` summed policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` summed policy log-probs of the rejected responses.
-        ref_chosen_logps: ``[B]`` summed reference log-probs of the chosen responses.
-        ref_rejected_logps: ``[B]`` summed reference log-probs of the rejected responses.
+    Args: the summed log-probs and ``beta`` (β > 0) as in :func:`~align_losses.dpo_loss`, plus:
         chosen_lengths: ``[B]`` scored tokens of each chosen response.
         rejected_lengths: ``[B]`` scored tokens of each rejected response.
-        beta: β > 0.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards.
     """
-    _check_beta(beta)
-    chosen, rejected = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen, rejected = _checked_log_ratios(
+        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     len_c = _check_lengths(chosen_lengths, chosen, "chosen_lengths")
     len_r = _check_lengths(rejected_lengths, chosen, "rejected_lengths")

@@ -25,8 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from align_losses._common import upcast
-from align_losses.preference import PreferenceOutput, _check_beta, _smoothed_sigmoid
-from align_losses.preference_variants import _check_smoothing
+from align_losses.preference import (
+    PreferenceOutput,
+    _check_beta,
+    _check_smoothing,
+    _smoothed_sigmoid,
+)
 
 __all__ = ["alphapo_loss", "cpo_loss", "orpo_loss", "sft_loss", "simpo_loss"]
 
@@ -45,21 +49,20 @@ def _policy(
 
 
 def _margin_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
     reward: Callable[[Tensor, Tensor], Tensor],
     *,
     beta: float,
     gamma: float,
     label_smoothing: float,
 ) -> PreferenceOutput:
-    """SimPO-shaped loss: ``-log σ(reward(π_c, |y_c|) - reward(π_r, |y_r|) - γ)``, smoothed by ε."""
+    """SimPO-shaped loss: ``-log σ(reward(π_c, |y_c|) - reward(π_r, |y_r|) - γ)``, smoothed by ε.
+
+    ``data`` is ``(policy_chosen_logps, policy_rejected_logps, chosen_lengths,
+    rejected_lengths)``.
+    """
     _check_beta(beta)
-    chosen, rejected, len_c, len_r = _policy(
-        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths
-    )
+    chosen, rejected, len_c, len_r = _policy(*data)
     _check_smoothing(label_smoothing)
     reward_c, reward_r = reward(chosen, len_c), reward(rejected, len_r)
     losses = _smoothed_sigmoid(reward_c - reward_r - gamma, label_smoothing)
@@ -100,11 +103,9 @@ def simpo_loss(
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached rewards β·π̄.
     """
+    data = (policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
     return _margin_loss(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
+        data,
         lambda logps, lengths: beta * logps / lengths,
         beta=beta,
         gamma=gamma,
@@ -135,15 +136,8 @@ def alphapo_loss(
     the limit β·π̄, i.e. :func:`simpo_loss` exactly; α > 0 makes the reward concave in π̄ (gentler
     on already-unlikely rejected responses), α < 0 convex.
 
-    Args:
-        policy_chosen_logps: ``[B]`` summed policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` summed policy log-probs of the rejected responses.
-        chosen_lengths: ``[B]`` scored tokens of each chosen response.
-        rejected_lengths: ``[B]`` scored tokens of each rejected response.
-        beta: β > 0.
-        gamma: γ, the target reward margin.
+    Args: as :func:`simpo_loss`, plus:
         alpha: α, the reward shape (any real; 0 is SimPO).
-        label_smoothing: ε in ``[0, 0.5]``.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and the detached rewards r(y).
@@ -155,16 +149,8 @@ def alphapo_loss(
             return beta * avg
         return -(beta / alpha) * torch.expm1(-alpha * avg)
 
-    return _margin_loss(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        chosen_lengths,
-        rejected_lengths,
-        reward,
-        beta=beta,
-        gamma=gamma,
-        label_smoothing=label_smoothing,
-    )
+    data = (policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+    return _margin_loss(data, reward, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
 
 
 def cpo_loss(
@@ -224,11 +210,7 @@ def sft_loss(
     chosen tokens of the batch instead; equal for equal lengths). The rejected response does not
     enter the loss; the returned rewards are the two average log-probs π̄_c and π̄_r.
 
-    Args:
-        policy_chosen_logps: ``[B]`` summed policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` summed policy log-probs of the rejected responses.
-        chosen_lengths: ``[B]`` scored tokens of each chosen response.
-        rejected_lengths: ``[B]`` scored tokens of each rejected response.
+    Args: the log-probs and lengths as in :func:`simpo_loss`.
 
     Returns:
         :class:`PreferenceOutput` with ``[B]`` losses and detached average log-probs as rewards.
@@ -269,11 +251,7 @@ def orpo_loss(
     below 0 (a response of probability 1 has infinite odds), where the gradient of the odds
     term is then 0.
 
-    Args:
-        policy_chosen_logps: ``[B]`` summed policy log-probs of the chosen responses.
-        policy_rejected_logps: ``[B]`` summed policy log-probs of the rejected responses.
-        chosen_lengths: ``[B]`` scored tokens of each chosen response.
-        rejected_lengths: ``[B]`` scored tokens of each rejected response.
+    Args: the log-probs and lengths as in :func:`simpo_loss`, plus:
         odds_ratio_weight: λ ≥ 0.
 
     Returns:
