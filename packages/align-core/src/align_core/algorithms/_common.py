@@ -106,8 +106,8 @@ def padded_model_batch(
 def pad_model_batch(batch: ModelBatch, length: int, *, pad_id: int) -> ModelBatch:
     """Right-pad a padded model batch's rows to ``length`` (no-op when already that long).
 
-    Pipeline parallelism exchanges activations of one fixed shape, so every micro-batch of a
-    step is padded to the step's longest row.
+    Pipeline parallelism exchanges activations of one fixed shape, so there every micro-batch
+    of a step is padded to the step's longest row (`align_core.trainer.data.TrainData`).
     """
     extra = length - batch["tokens"].shape[-1]
     if extra < 0:

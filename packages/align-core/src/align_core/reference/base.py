@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from align_core.algorithms._common import ModelBatch, segment_sums, upcast
+from align_core.algorithms._common import ModelBatch, pad_model_batch, segment_sums, upcast
 from align_core.model import unwrap_model
 from align_core.schedule import ForwardFn, forward_backward
 
@@ -181,7 +181,16 @@ def _sequence_logps_loss(batch: Mapping[str, Tensor], token_logps: Tensor):
 
 
 def _merge(micro_batches: Sequence[ModelBatch], keys: Sequence[str]) -> ModelBatch:
-    """Concatenate equal-length model batches into one (segment ids offset)."""
+    """Concatenate model batches into one (segment ids offset).
+
+    Padded batches of different lengths are right-padded to the longest first (the padding
+    is unscored and, attention being causal, changes no scored position); packed batches,
+    which carry their own attention mask, must have one length.
+    """
+    length = max(mb["tokens"].shape[-1] for mb in micro_batches)
+    if "attention_mask" not in keys:
+        # The pad token is never scored or attended to by a scored position: any id serves.
+        micro_batches = [pad_model_batch(mb, length, pad_id=0) for mb in micro_batches]
     merged: ModelBatch = {}
     offset = 0
     segs = []

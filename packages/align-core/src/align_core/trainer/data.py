@@ -11,8 +11,9 @@ is dropped). An epoch is ``epoch_batches`` global batches: the trainer's ``steps
 fewer than the complete batches under ``limit_train_batches < 1``; the next epoch then starts at
 the head of its own order, so the epoch the trainer logs is the epoch the data comes from.
 Data-parallel rank ``d`` takes the contiguous slice ``[d·G/D : (d+1)·G/D]`` and splits it
-into micro-batches of ``micro_batch_size``; every micro-batch of the step is padded to the
-step's longest row on this rank (pipeline parallelism exchanges activations of one fixed shape).
+into micro-batches of ``micro_batch_size``. Each micro-batch is padded to its own longest row,
+or, with ``uniform_length`` (pipeline parallelism, which exchanges activations of one fixed
+shape, and packed rows), every micro-batch of the step to the step's longest row on this rank.
 
 Each model batch carries ``cache_rows`` (the reference cache rows of its examples, see
 `align_core.reference.PrecomputedReference`): the dataset index, or for per-epoch caches
@@ -60,7 +61,10 @@ class TrainData:
         seed: Seed of the training order.
         shuffle: Shuffle the training order each epoch.
         per_epoch_cache_rows: Reference cache rows per epoch (KTO) instead of per example.
-        pad_multiple: Round each step's row length up to a multiple of this.
+        pad_multiple: Round each micro-batch's row length up to a multiple of this.
+        uniform_length: Pad every micro-batch of a step to one length (the step's longest row
+            on this rank): needed by pipeline parallelism and done for packed rows. False pads
+            each micro-batch to its own longest row, so a short micro-batch costs less.
         pack_capacity: Pack examples into rows of this many positions (None: pad, one
             sequence per row).
         epoch_batches: Global batches per epoch, the trainer's ``steps_per_epoch`` (fewer than
@@ -79,6 +83,7 @@ class TrainData:
     shuffle: bool = True
     per_epoch_cache_rows: bool = False
     pad_multiple: int = 1
+    uniform_length: bool = True
     pack_capacity: int | None = None
     epoch_batches: int | None = None
 
@@ -162,14 +167,21 @@ class TrainData:
                 )
             batch["cache_rows"] = torch.as_tensor(rows[start : start + mbs], dtype=torch.long)
             batches.append(batch)
-        length = max(b["tokens"].shape[-1] for b in batches)
-        length = -(-length // self.pad_multiple) * self.pad_multiple
+        if self.pack_capacity is None and not self.uniform_length:
+            return [
+                pad_model_batch(b, self._padded(b), pad_id=self.collate.pad_id) for b in batches
+            ]
+        length = max(self._padded(b) for b in batches)
         if self.pack_capacity is None:
             return [pad_model_batch(b, length, pad_id=self.collate.pad_id) for b in batches]
         rows_max = max(b["tokens"].shape[0] for b in batches)
         return [
             pad_packed_model_batch(b, rows_max, length, pad_id=self.collate.pad_id) for b in batches
         ]
+
+    def _padded(self, batch: ModelBatch) -> int:
+        """``batch``'s row length rounded up to ``pad_multiple``."""
+        return -(-batch["tokens"].shape[-1] // self.pad_multiple) * self.pad_multiple
 
     def train_micro_batches(self, consumed_samples: int) -> list[ModelBatch]:
         """This rank's micro-batches of the global batch after ``consumed_samples``."""

@@ -449,6 +449,7 @@ def run_session(
             seed=stage.seed,
             shuffle=run.data.shuffle,
             per_epoch_cache_rows=recipe.per_epoch_cache_rows,
+            uniform_length=run.parallel.pipeline_model_parallel_size > 1,
             pack_capacity=recipe.pack_capacity,
             epoch_batches=stage.steps_per_epoch or steps.steps_per_epoch,
         )
