@@ -6,6 +6,17 @@ from typing import Any
 
 import pytest
 
+from align_data import (
+    ByteTokenizer,
+    Message,
+    PreferenceRecord,
+    PreprocessConfig,
+    Source,
+    TokenizeConfig,
+    TokenizedDataset,
+    preprocess,
+)
+
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
     """Writes rows: dicts/lists as JSON, str as a raw line, bytes as raw bytes (+ newline)."""
@@ -28,3 +39,45 @@ def jsonl(tmp_path: Path):
         return write_jsonl(tmp_path / (name or f"data{next(counter)}.jsonl"), rows)
 
     return make
+
+
+@pytest.fixture
+def chat_pair():
+    """Builds a preference record of one user turn and one assistant reply each, no rewards."""
+
+    def make(user: str, chosen: str, rejected: str, source: Source) -> PreferenceRecord:
+        return PreferenceRecord(
+            (Message("user", user),),
+            (Message("assistant", chosen),),
+            (Message("assistant", rejected),),
+            None,
+            None,
+            source,
+        )
+
+    return make
+
+
+@pytest.fixture
+def lenient_unpaired(tmp_path: Path):
+    """Preprocesses an unpaired file leniently with the byte tokenizer and a skip report.
+
+    The fixture is a function of the data file and the tokenize settings; it returns the
+    dataset and the entries of the skip report. Every call shares one cache directory and first
+    deletes the report of an earlier call, so a reused run has to write the report again.
+    """
+
+    def run(path: Path, tokenize: TokenizeConfig) -> tuple[TokenizedDataset, list[dict]]:
+        report = tmp_path / "report.jsonl"
+        report.unlink(missing_ok=True)
+        cfg = PreprocessConfig(
+            kind="unpaired",
+            strict=False,
+            progress=False,
+            report_path=str(report),
+            tokenize=tokenize,
+        )
+        ds = preprocess(path, ByteTokenizer(), tmp_path / "cache", cfg)
+        return ds, [json.loads(x) for x in report.read_text().splitlines()]
+
+    return run

@@ -20,7 +20,6 @@ from align_data import (
     HFTokenizer,
     JinjaChatTemplate,
     Message,
-    PreferenceRecord,
     PreprocessConfig,
     SFTRecord,
     Source,
@@ -242,33 +241,32 @@ def test_truncation_keeps_the_bos_in_front(tmp_path):
 # ---------------------------------------------------------------------------- chat templates
 
 
-def _chat_pair(tok, **config):
-    record = PreferenceRecord(
-        (Message("user", "hello world"),),
-        (Message("assistant", "you"),),
-        (Message("assistant", "hello"),),
-        None,
-        None,
-        SRC,
-    )
-    ex = tokenize_record(record, tok, TokenizeConfig(**config)).example
-    return ex.prompt_ids.tolist(), ex.chosen_ids.tolist(), ex.rejected_ids.tolist()
+@pytest.fixture
+def pair_ids(chat_pair):
+    """Prompt, chosen and rejected ids of one chat pair under a tokenizer and settings."""
+
+    def run(tok, **config):
+        record = chat_pair("hello world", "you", "hello", SRC)
+        ex = tokenize_record(record, tok, TokenizeConfig(**config)).example
+        return ex.prompt_ids.tolist(), ex.chosen_ids.tolist(), ex.rejected_ids.tolist()
+
+    return run
 
 
 @pytest.mark.parametrize("add_bos", [None, True, False])
-def test_template_writing_the_bos_gets_exactly_one(tmp_path, add_bos):
+def test_template_writing_the_bos_gets_exactly_one(tmp_path, pair_ids, add_bos):
     tok = llama3(tmp_path)
-    prompt, chosen, rejected = _chat_pair(tok, add_bos=add_bos)
+    prompt, chosen, rejected = pair_ids(tok, add_bos=add_bos)
     assert prompt == LLAMA3_PROMPT
     assert prompt.count(1) == 1
     assert chosen == [11, 14] and rejected == [6, 14]
 
 
 @pytest.mark.parametrize("add_bos", [None, True])
-def test_chatml_prompt_starts_with_its_turn_token_only(tmp_path, add_bos):
+def test_chatml_prompt_starts_with_its_turn_token_only(tmp_path, pair_ids, add_bos):
     # The rendered text starts with <|im_start|>, the BOS token: never a second one in front.
     tok = chatml(tmp_path)
-    prompt, chosen, rejected = _chat_pair(tok, add_bos=add_bos)
+    prompt, chosen, rejected = pair_ids(tok, add_bos=add_bos)
     assert prompt == CHATML_PROMPT
     assert chosen == [11, 3] and rejected == [6, 3]
 

@@ -8,7 +8,6 @@ drops the example (lenient) or refuses it (strict), and every truncation and dro
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -273,17 +272,9 @@ def test_strict_preprocess_refuses_a_prompt_cut_to_its_bos(jsonl, tmp_path):
     )
 
 
-def test_lenient_preprocess_drops_counts_reports_and_says_so(jsonl, tmp_path):
+def test_lenient_preprocess_drops_counts_reports_and_says_so(jsonl, lenient_unpaired):
     path = jsonl([FITS, LONG, CUT, "not json"])
-    report = tmp_path / "report.jsonl"
-    cfg = PreprocessConfig(
-        kind="unpaired",
-        strict=False,
-        progress=False,
-        report_path=str(report),
-        tokenize=TokenizeConfig(max_length=12),
-    )
-    ds = preprocess(path, TOK, tmp_path / "cache", cfg)
+    ds, entries = lenient_unpaired(path, TokenizeConfig(max_length=12))
     s = ds.summary
     assert len(ds) == 2
     assert (s.dropped_empty_prompt, s.dropped, s.prompt_truncated, s.skipped_invalid) == (
@@ -293,7 +284,6 @@ def test_lenient_preprocess_drops_counts_reports_and_says_so(jsonl, tmp_path):
         1,
     )
     assert all(len(ds[i].prompt_ids) > 1 for i in range(len(ds)))  # no BOS-only prompt trained
-    entries = [json.loads(x) for x in report.read_text().splitlines()]
     assert [e["line"] for e in entries] == [2, 4]
     assert "dropped: prompt truncated to the BOS alone" in entries[0]["reason"]
     assert s.length_line("seq_length 11") == (

@@ -118,7 +118,7 @@ def test_strict_error_from_a_worker_is_the_first_bad_line(jsonl, tmp_path):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_lenient_summary_counts_and_report(jsonl, tmp_path):
+def test_lenient_summary_counts_and_report(jsonl, lenient_unpaired):
     rows = [
         {"prompt": "p", "completion": "ok", "label": True},  # 2 + 3 = 5 tokens
         {"prompt": "p", "completion": "", "label": True},  # invalid: empty text
@@ -127,15 +127,8 @@ def test_lenient_summary_counts_and_report(jsonl, tmp_path):
         {"prompt": "p", "completion": "far too long", "label": False},  # 2 + 13: response cut
     ]
     path = jsonl(rows)
-    report = tmp_path / "report.jsonl"
-    cfg = PreprocessConfig(
-        kind="unpaired",
-        strict=False,
-        progress=False,
-        report_path=str(report),
-        tokenize=TokenizeConfig(max_length=8, min_prompt_length=2),
-    )
-    ds = preprocess(path, TOK, tmp_path / "cache", cfg)
+    tokenize = TokenizeConfig(max_length=8, min_prompt_length=2)
+    ds, entries = lenient_unpaired(path, tokenize)
     s = ds.summary
     assert (s.rows, s.records, s.examples, s.skipped_invalid) == (5, 3, 3, 2)
     assert (s.truncated, s.prompt_truncated, s.response_truncated) == (2, 1, 1)
@@ -144,14 +137,12 @@ def test_lenient_summary_counts_and_report(jsonl, tmp_path):
     assert (s.sequences, s.tokens, s.label_tokens) == (3, 21, 11)
     assert sum(c for _, _, c in s.length_histogram) == 3
     assert [(lo, hi, c) for lo, hi, c in s.length_histogram if c] == [(5, 5, 1), (8, 8, 2)]
-    entries = [json.loads(x) for x in report.read_text().splitlines()]
     assert [(e["line"], e["field"]) for e in entries] == [(2, "completion"), (3, "<record>")]
     assert "kind: unpaired" in s.format() and "skipped (invalid): 2" in s.format()
 
-    # A reused run restores the report as well.
-    report.unlink()
-    again = preprocess(path, TOK, tmp_path / "cache", cfg)
-    assert again.reused and len(report.read_text().splitlines()) == 2
+    # A reused run restores the report as well (the fixture deletes it before each run).
+    again, again_entries = lenient_unpaired(path, tokenize)
+    assert again.reused and len(again_entries) == 2
 
 
 def test_drop_policy_counts_and_reports_dropped(jsonl, tmp_path):

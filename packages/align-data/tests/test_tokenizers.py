@@ -15,7 +15,6 @@ from align_data import (
     JinjaChatTemplate,
     Message,
     NeMoChatTemplate,
-    PreferenceRecord,
     SentencePieceTokenizer,
     SFTRecord,
     Source,
@@ -99,16 +98,9 @@ def test_hf_adapter_overrides_and_missing_eos(hf_dir, tmp_path):
         HFTokenizer(bare, eos_token="<missing>")
 
 
-def test_hf_chat_record_boundary(hf_dir):
+def test_hf_chat_record_boundary(hf_dir, chat_pair):
     tok = HFTokenizer(hf_dir)
-    record = PreferenceRecord(
-        (Message("user", "hello world"),),
-        (Message("assistant", "yes"),),
-        (Message("assistant", "no"),),
-        None,
-        None,
-        SRC,
-    )
+    record = chat_pair("hello world", "yes", "no", SRC)
     ex = tokenize_record(record, tok, TokenizeConfig()).example
     prompt_text = "<s><|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
     # The template writes the BOS itself: it is not added twice.

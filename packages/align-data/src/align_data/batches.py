@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self
 
 import torch
 
@@ -36,16 +36,42 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label value of positions without a loss (prompt targets and padding)."""
 
-_B = TypeVar("_B")
+
+class _Movable:
+    """Gives a dataclass holding tensors :meth:`to`."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
+        """The batch with every tensor moved to ``device``."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = value.to(device, non_blocking=non_blocking)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def _to(batch: _B, device: torch.device | str, non_blocking: bool) -> _B:
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(batch):  # type: ignore[arg-type]
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.to(device, non_blocking=non_blocking)
-    return dataclasses.replace(batch, **changes)  # type: ignore[type-var]
+@dataclass(frozen=True)
+class _PaddedBatch(_Movable):
+    """The fields every right-padded batch starts with (see each batch for the shapes).
+
+    Attributes:
+        input_ids: ``[N, T]`` int64.
+        labels: ``[N, T]`` int64, -100 on prompt targets and padding.
+        attention_mask: ``[N, T]`` bool, True on real positions.
+        position_ids: ``[N, T]`` int64.
+        lengths: ``[N]`` real positions per row.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """``[N, T]`` float, 1 where a label exists."""
+        return (self.labels != IGNORE_INDEX).float()
 
 
 def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -72,7 +98,7 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class SFTBatch:
+class SFTBatch(_PaddedBatch):
     """Prompt + completion sequences (SFT, validation of SPIN).
 
     Attributes:
@@ -84,25 +110,11 @@ class SFTBatch:
         sample_indices: ``[B]`` dataset index of each example (-1 if unknown).
     """
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lengths: torch.Tensor
     sample_indices: torch.Tensor
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """``[B, T]`` float, 1 where a label exists."""
-        return (self.labels != IGNORE_INDEX).float()
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SFTBatch:
-        """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)
 
 
 @dataclass(frozen=True)
-class PreferenceBatch:
+class PreferenceBatch(_PaddedBatch):
     """Chosen and rejected sequences in one forward batch.
 
     Layout: rows ``0..B-1`` are the chosen sequences of pairs ``0..B-1`` and rows ``B..2B-1``
@@ -121,11 +133,6 @@ class PreferenceBatch:
         sample_indices: ``[B]`` dataset index of each pair.
     """
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lengths: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     rewards_given: torch.Tensor
@@ -136,18 +143,9 @@ class PreferenceBatch:
         """B, the number of pairs."""
         return int(self.chosen_rewards.shape[0])
 
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """``[2B, T]`` float, 1 where a label exists."""
-        return (self.labels != IGNORE_INDEX).float()
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
-        """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)
-
 
 @dataclass(frozen=True)
-class KTOBatch:
+class KTOBatch(_PaddedBatch):
     """KTO samples and their mismatched KL samples in one forward batch.
 
     Layout: rows ``0..B-1`` are the samples (prompt_i + completion_i); rows ``B..2B-1`` the KL
@@ -165,11 +163,6 @@ class KTOBatch:
         sample_indices: ``[B]`` dataset index of each sample.
     """
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lengths: torch.Tensor
     desirable: torch.Tensor
     kl_completion_indices: torch.Tensor
     sample_indices: torch.Tensor
@@ -179,18 +172,9 @@ class KTOBatch:
         """B, the number of samples (and of KL samples)."""
         return int(self.desirable.shape[0])
 
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """``[2B, T]`` float, 1 where a label exists."""
-        return (self.labels != IGNORE_INDEX).float()
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> KTOBatch:
-        """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)
-
 
 @dataclass(frozen=True)
-class DistillationBatch:
+class DistillationBatch(_PaddedBatch):
     """Student inputs with the teacher's top-k logits aligned to the label positions.
 
     ``teacher_logits[i, t]`` / ``teacher_ids[i, t]`` are the teacher's top-k at input position
@@ -209,21 +193,7 @@ class DistillationBatch:
         sample_indices: ``[B]`` dataset index of each example.
     """
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    lengths: torch.Tensor
     teacher_logits: torch.Tensor
     teacher_ids: torch.Tensor
     teacher_logsumexp: torch.Tensor
     sample_indices: torch.Tensor
-
-    @property
-    def loss_mask(self) -> torch.Tensor:
-        """``[B, T]`` float, 1 where a label exists."""
-        return (self.labels != IGNORE_INDEX).float()
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> DistillationBatch:
-        """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)

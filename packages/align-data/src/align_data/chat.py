@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from align_data._extras import import_extra
 from align_data.records import Message
 
 __all__ = [
@@ -167,17 +168,12 @@ class JinjaChatTemplate:
         eos_token: str = "",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "Jinja chat templates need jinja2: pip install 'align-data[chat]'"
-            ) from exc
+        sandbox = import_extra("jinja2.sandbox", "Jinja chat templates need jinja2", "chat")
 
         def raise_exception(message: str) -> None:
             raise ChatTemplateError(f"chat template error: {message}")
 
-        env = ImmutableSandboxedEnvironment(
+        env = sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.filters["tojson"] = lambda value, indent=None: json.dumps(

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from align_data._extras import import_extra
 from align_data.chat import ChatTemplate, JinjaChatTemplate
+from align_data.tokenizer import _LibraryTokenizer
 
 __all__ = ["HFTokenizer"]
 
@@ -22,7 +23,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-class HFTokenizer:
+class HFTokenizer(_LibraryTokenizer):
     """A :class:`align_data.Tokenizer` over a Hugging Face ``tokenizers.Tokenizer``.
 
     Special tokens come from ``tokenizer_config.json`` (``bos_token``, ``eos_token``,
@@ -138,13 +139,10 @@ class HFTokenizer:
         self._hash = hashlib.sha256(json_text.encode()).hexdigest()[:16]
         if eos_token is None:
             raise ValueError(f"{where}: no EOS token (pass eos_token= or add it to the config)")
-        self._bos_id = self._id(bos_token) if bos_token else None
-        self._eos_id = self._id(eos_token)
-        self._pad_id = self._id(pad_token) if pad_token else self._eos_id
-        self._chat_template = chat_template
-        self._special = {self._eos_id, self._pad_id} | (
-            {self._bos_id} if self._bos_id is not None else set()
-        )
+        bos_id = self._id(bos_token) if bos_token else None
+        eos_id = self._id(eos_token)
+        pad_id = self._id(pad_token) if pad_token else None
+        self._set_special_ids(bos_id, eos_id, pad_id, chat_template)
         if adds_bos is None:
             processor = json.loads(json_text).get("post_processor")
             adds_bos = bos_token is not None and _post_processor_adds_bos(processor, bos_token)
@@ -162,29 +160,9 @@ class HFTokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     @property
-    def bos_id(self) -> int | None:
-        """See :class:`align_data.Tokenizer`."""
-        return self._bos_id
-
-    @property
     def adds_bos(self) -> bool:
         """See :class:`align_data.Tokenizer` (the rule is in the class docstring)."""
         return self._adds_bos
-
-    @property
-    def eos_id(self) -> int:
-        """See :class:`align_data.Tokenizer`."""
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        """See :class:`align_data.Tokenizer`."""
-        return self._pad_id
-
-    @property
-    def chat_template(self) -> ChatTemplate | None:
-        """See :class:`align_data.Tokenizer`."""
-        return self._chat_template
 
     @property
     def fingerprint(self) -> str:
@@ -195,10 +173,8 @@ class HFTokenizer:
         """See :class:`align_data.Tokenizer`."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """See :class:`align_data.Tokenizer`."""
-        kept = [int(i) for i in ids if int(i) not in self._special]
-        return str(self._tok.decode(kept, skip_special_tokens=False))
+    def _decode_ids(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=False))
 
 
 def _post_processor_adds_bos(processor: Any, bos_token: str) -> bool:
@@ -228,13 +204,7 @@ def _post_processor_adds_bos(processor: Any, bos_token: str) -> bool:
 
 
 def _library() -> Any:
-    try:
-        import tokenizers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "HFTokenizer needs the tokenizers library: pip install 'align-data[hf]'"
-        ) from exc
-    return tokenizers
+    return import_extra("tokenizers", "HFTokenizer needs the tokenizers library", "hf")
 
 
 def _has_jinja(directory: Path) -> bool:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
-from align_data.batches import IGNORE_INDEX, _to
+from align_data.batches import IGNORE_INDEX, _Movable
 from align_data.collate import CollateConfig, Row, padded_length, sequence_row
 from align_data.tokenize import PreferenceExample, SFTExample
 
@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 PackingAlgorithm = Literal["first_fit_decreasing", "first_fit_shuffle"]
+
+_E = TypeVar("_E", SFTExample, PreferenceExample)
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def packing_lengths(sequence_lengths: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class PackedBatch:
+class PackedBatch(_Movable):
     """Packs of sequences, ``P`` rows of ``S`` positions.
 
     Sequences are numbered in the row order of the equivalent padded batch
@@ -208,10 +210,6 @@ class PackedBatch:
         causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
         same = seg[:, :, None] == seg[:, None, :]
         return ~(same & causal)[:, None]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """The batch with every tensor moved to ``device``."""
-        return _to(self, device, non_blocking)
 
 
 def unpack(
@@ -341,6 +339,18 @@ def _numbered(
     return numbered, order
 
 
+def _planned(
+    examples: Sequence[_E],
+    sizes: Sequence[int],
+    capacity: int,
+    algorithm: PackingAlgorithm,
+    seed: int,
+) -> list[list[tuple[int, _E]]]:
+    """Plans packs of ``sizes`` (one per example); each pack lists ``(number, example)``."""
+    plan = plan_packs(sizes, capacity, algorithm=algorithm, seed=seed)
+    return [[(j, examples[j]) for j in pack] for pack in plan.packs]
+
+
 def pack_sft(packs: Sequence[Sequence[SFTExample]], config: CollateConfig) -> PackedBatch:
     """Builds a packed batch from pre-planned packs (e.g. from :func:`plan_packs` over a dataset).
 
@@ -372,8 +382,7 @@ def collate_packed_sft(
 ) -> PackedBatch:
     """Packs a micro-batch of SFT examples; :func:`unpack` gives :func:`collate_sft`'s layout."""
     rows_len = [len(e.prompt_ids) + len(e.completion_ids) - 1 for e in examples]
-    plan = plan_packs(rows_len, capacity, algorithm=algorithm, seed=seed)
-    packs = [[(j, examples[j]) for j in pack] for pack in plan.packs]
+    packs = _planned(examples, rows_len, capacity, algorithm, seed)
     return _sft_packed(packs, list(examples), config)
 
 
@@ -394,6 +403,5 @@ def collate_packed_preference(
         (pl + len(e.chosen_ids) - 1) + (pl + len(e.rejected_ids) - 1)
         for pl, e in zip(p, examples, strict=True)
     ]
-    plan = plan_packs(sizes, capacity, algorithm=algorithm, seed=seed)
-    packs = [[(j, examples[j]) for j in pack] for pack in plan.packs]
+    packs = _planned(examples, sizes, capacity, algorithm, seed)
     return _preference_packed(packs, list(examples), config)

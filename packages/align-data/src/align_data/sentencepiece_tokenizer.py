@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
+from align_data._extras import import_extra
 from align_data.chat import ChatTemplate
+from align_data.tokenizer import _LibraryTokenizer
 
 __all__ = ["SentencePieceTokenizer"]
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_LibraryTokenizer):
     """A :class:`align_data.Tokenizer` over a sentencepiece model.
 
     BOS/EOS/pad ids come from the model (``bos_id()``, ``eos_id()``, ``pad_id()``); a model
@@ -38,24 +39,18 @@ class SentencePieceTokenizer:
     def __init__(
         self, model_file: str | Path, *, chat_template: ChatTemplate | None = None
     ) -> None:
-        try:
-            import sentencepiece as spm
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "SentencePieceTokenizer needs sentencepiece: "
-                "pip install 'align-data[sentencepiece]'"
-            ) from exc
+        spm = import_extra(
+            "sentencepiece", "SentencePieceTokenizer needs sentencepiece", "sentencepiece"
+        )
         data = Path(model_file).read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=data)
         self._hash = hashlib.sha256(data).hexdigest()[:16]
         bos, eos, pad = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
         if eos < 0:
             raise ValueError(f"{model_file}: the sentencepiece model has no EOS piece")
-        self._bos_id = bos if bos >= 0 else None
-        self._eos_id = eos
-        self._pad_id = pad if pad >= 0 else eos
-        self._chat_template = chat_template
-        self._special = {eos, self._pad_id} | ({bos} if bos >= 0 else set())
+        self._set_special_ids(
+            bos if bos >= 0 else None, eos, pad if pad >= 0 else None, chat_template
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -63,29 +58,9 @@ class SentencePieceTokenizer:
         return int(self._sp.get_piece_size())
 
     @property
-    def bos_id(self) -> int | None:
-        """See :class:`align_data.Tokenizer`."""
-        return self._bos_id
-
-    @property
     def adds_bos(self) -> bool:
         """See :class:`align_data.Tokenizer`: True when the model has a BOS piece."""
         return self._bos_id is not None
-
-    @property
-    def eos_id(self) -> int:
-        """See :class:`align_data.Tokenizer`."""
-        return self._eos_id
-
-    @property
-    def pad_id(self) -> int:
-        """See :class:`align_data.Tokenizer`."""
-        return self._pad_id
-
-    @property
-    def chat_template(self) -> ChatTemplate | None:
-        """See :class:`align_data.Tokenizer`."""
-        return self._chat_template
 
     @property
     def fingerprint(self) -> str:
@@ -96,6 +71,5 @@ class SentencePieceTokenizer:
         """See :class:`align_data.Tokenizer`."""
         return [int(i) for i in self._sp.encode(text, out_type=int)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """See :class:`align_data.Tokenizer`."""
-        return str(self._sp.decode([int(i) for i in ids if int(i) not in self._special]))
+    def _decode_ids(self, ids: list[int]) -> str:
+        return str(self._sp.decode(ids))

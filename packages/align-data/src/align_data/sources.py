@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from align_data._extras import import_extra
 from align_data.errors import RECORD_FIELD, DataError, SkippedRecord, SkipReportWriter
 from align_data.formats import (
     FORMAT_KIND,
@@ -126,13 +127,7 @@ class RawRow:
 
 
 def _parquet_module() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading Parquet needs pyarrow: pip install 'align-data[parquet]'"
-        ) from exc
-    return pq
+    return import_extra("pyarrow.parquet", "reading Parquet needs pyarrow", "parquet")
 
 
 def _parquet_file(path: str) -> Any:

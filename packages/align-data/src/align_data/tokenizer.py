@@ -73,6 +73,63 @@ class Tokenizer(Protocol):
         ...
 
 
+class _LibraryTokenizer:
+    """Special ids, chat template and decoding shared by the adapters over tokenizer libraries.
+
+    A subclass calls :meth:`_set_special_ids` when constructed and implements
+    :meth:`_decode_ids`, ``vocab_size``, ``adds_bos``, ``fingerprint`` and ``encode``.
+    """
+
+    _bos_id: int | None
+    _eos_id: int
+    _pad_id: int
+    _chat_template: ChatTemplate | None
+    _special: frozenset[int]
+
+    def _set_special_ids(
+        self,
+        bos_id: int | None,
+        eos_id: int,
+        pad_id: int | None,
+        chat_template: ChatTemplate | None,
+    ) -> None:
+        """Stores the special ids (without a pad id, EOS pads) and the chat template."""
+        self._bos_id = bos_id
+        self._eos_id = eos_id
+        self._pad_id = eos_id if pad_id is None else pad_id
+        self._chat_template = chat_template
+        bos = {bos_id} if bos_id is not None else set()
+        self._special = frozenset({eos_id, self._pad_id} | bos)
+
+    @property
+    def bos_id(self) -> int | None:
+        """See :class:`Tokenizer`."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        """See :class:`Tokenizer`."""
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        """See :class:`Tokenizer`."""
+        return self._pad_id
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """See :class:`Tokenizer`."""
+        return self._chat_template
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """See :class:`Tokenizer`."""
+        return self._decode_ids([int(i) for i in ids if int(i) not in self._special])
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        """Text of ``ids``, from which the special ids are already left out."""
+        raise NotImplementedError
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0-255 are bytes, then pad (256), BOS (257), EOS (258).
 
