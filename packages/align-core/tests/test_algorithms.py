@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _core_batches import random_batch
 
 from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
 from align_core.algorithms._common import padded_segment_ids, segment_sums
@@ -16,24 +17,10 @@ from align_data import CollateConfig, PreferenceExample, UnpairedExample
 
 
 def _batch(num_seqs: int, seed: int = 0, length: int = 7):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 50, (num_seqs, length), generator=g)
     # Prompt/padding positions are ignored; every row keeps at least two scored tokens.
-    for r in range(num_seqs):
-        start = int(torch.randint(0, 3, (), generator=g))
-        stop = length - int(torch.randint(0, 3, (), generator=g))
-        labels[r, :start] = -100
-        labels[r, stop:] = -100
-    token_logps = -torch.rand(num_seqs, length, generator=g, dtype=torch.float64) * 3
-    token_logps = torch.where(labels != -100, token_logps, torch.zeros_like(token_logps))
-    mask = labels != -100
-    batch = {
-        "labels": labels,
-        "segment_ids": padded_segment_ids(labels),
-        "seq_token_counts": mask.sum(-1).double(),
-        "ref_logps": -torch.rand(num_seqs, generator=g, dtype=torch.float64) * 20,
-    }
-    return batch, token_logps.requires_grad_(), mask
+    return random_batch(
+        num_seqs, seed=seed, length=length, max_end_trim=3, logp_scale=3, ref_scale=20
+    )
 
 
 def test_segment_sums_match_masked_row_sums():

@@ -8,31 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _core_torchrun import LAUNCHER_ENV
 
-from align_core import (
-    Checkpointer,
-    ModelConfig,
-    OptimizerConfig,
-    build_gpt_model,
-    build_optimizer,
-    seed_all,
-    wrap_ddp,
-)
+from align_core import Checkpointer, ModelConfig, build_gpt_model, seed_all
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import _common as c  # noqa: E402
 
 
-def _trainable(seed):
-    seed_all(seed)
-    model = wrap_ddp(build_gpt_model(ModelConfig()))
-    return model, build_optimizer(model, OptimizerConfig(lr=1e-3), clip_grad=1.0)
-
-
 def _step(model, optimizer, data_seed):
-    tokens, labels = c.data(seed=data_seed)
-    return c.train_step(model, optimizer, c.micro_batches(tokens, labels, 2))["loss"]
+    return c.train_step_on(model, optimizer, data_seed)["loss"]
 
 
 def _params(model):
@@ -40,7 +26,7 @@ def _params(model):
 
 
 def test_resume_gives_the_uninterrupted_next_step_loss(dist_ctx, tmp_path):
-    model, optimizer = _trainable(1)
+    model, optimizer = c.trainable(1)
     for s in (1, 2):
         _step(model, optimizer, s)
     ckpt = Checkpointer(tmp_path, keep_last=2)
@@ -53,7 +39,7 @@ def test_resume_gives_the_uninterrupted_next_step_loss(dist_ctx, tmp_path):
     draws = (random.random(), np.random.rand(), torch.rand(3))
     uninterrupted = [_step(model, optimizer, s) for s in (3, 4)]
 
-    fresh, fresh_opt = _trainable(2)  # different initial weights
+    fresh, fresh_opt = c.trainable(2)  # different initial weights
     info = ckpt.load(fresh, fresh_opt, step=2)
     assert info.step == 2 and info.trainer_state == {"step": 2}
     assert info.extra_state == {"sampler": [3, 1]}
@@ -70,7 +56,7 @@ def test_resume_gives_the_uninterrupted_next_step_loss(dist_ctx, tmp_path):
 
 
 def test_layout_of_the_directory_and_keep_last(dist_ctx, tmp_path):
-    model, optimizer = _trainable(3)
+    model, optimizer = c.trainable(3)
     ckpt = Checkpointer(tmp_path / "run", keep_last=2)
     assert ckpt.latest_step() is None and ckpt.load(model) is None
     for step in (10, 20, 30):
@@ -97,7 +83,7 @@ def test_layout_of_the_directory_and_keep_last(dist_ctx, tmp_path):
 
 
 def test_extra_models_as_module_and_as_state_dict(dist_ctx, tmp_path):
-    model, _ = _trainable(4)
+    model, _ = c.trainable(4)
     seed_all(5)
     reference = build_gpt_model(ModelConfig())
     cpu_copy = {k: v.clone() for k, v in reference.state_dict().items() if torch.is_tensor(v)}
@@ -118,11 +104,7 @@ def test_extra_models_as_module_and_as_state_dict(dist_ctx, tmp_path):
 
 def test_killed_mid_save_leaves_the_previous_checkpoint_resumable(dist_ctx, tmp_path):
     ckpt_dir, result = tmp_path / "ckpt", tmp_path / "result.json"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env["OMP_NUM_THREADS"] = "1"  # a tiny model; extra threads only contend
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "train_and_crash.py"), str(ckpt_dir), str(result)],
@@ -139,7 +121,7 @@ def test_killed_mid_save_leaves_the_previous_checkpoint_resumable(dist_ctx, tmp_
     assert (ckpt_dir / "latest").read_text().strip() == "step_000001"
 
     ckpt = Checkpointer(ckpt_dir, keep_last=2)
-    model, optimizer = _trainable(7)
+    model, optimizer = c.trainable(7)
     info = ckpt.load(model, optimizer)
     assert info.step == 1
     assert _step(model, optimizer, 2) == pytest.approx(losses[1], rel=1e-6, abs=1e-6)

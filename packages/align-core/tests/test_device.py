@@ -9,11 +9,10 @@ its first loss, once the devices it saw are recorded.
 
 import collections
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core import build_gpt_model
 from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
@@ -26,11 +25,7 @@ from align_core.trainer import TrainerConfig
 from align_core.trainer.loop import ParallelGroups, Trainer
 from align_data import ArrayStore
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 META = torch.device("meta")
 # megatron's rotary embedding keeps its frequencies in a plain attribute that `.to()` leaves on

@@ -6,31 +6,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _core_batches import random_batch
 
 from align_core.algorithms import DPOConfig, get_algorithm
-from align_core.algorithms._common import padded_segment_ids
 from align_core.algorithms.dpo import DPOStep, dpo_loss_and_metrics
 
 
 def _batch(num_seqs: int, seed: int = 0, length: int = 9, with_ref: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 50, (num_seqs, length), generator=g)
-    for r in range(num_seqs):
-        start = int(torch.randint(0, 3, (), generator=g))
-        stop = length - int(torch.randint(0, 4, (), generator=g))
-        labels[r, :start] = -100
-        labels[r, stop:] = -100
-    token_logps = -torch.rand(num_seqs, length, generator=g, dtype=torch.float64) * 2
-    mask = labels != -100
-    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))
-    batch = {
-        "labels": labels,
-        "segment_ids": padded_segment_ids(labels),
-        "seq_token_counts": mask.sum(-1).double(),
-    }
-    if with_ref:
-        batch["ref_logps"] = -torch.rand(num_seqs, generator=g, dtype=torch.float64) * 15
-    return batch, token_logps.requires_grad_(), mask
+    return random_batch(
+        num_seqs,
+        seed=seed,
+        length=length,
+        max_end_trim=4,
+        logp_scale=2,
+        ref_scale=15 if with_ref else None,
+    )
 
 
 @pytest.mark.parametrize(

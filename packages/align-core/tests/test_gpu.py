@@ -13,12 +13,11 @@ only: the whole module takes seconds.
 - greedy decoding with the KV cache equals recomputing the prefix (TE spec where installed).
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core import ModelConfig, ParallelConfig, build_gpt_model, init_distributed
 from align_core.algorithms import DPOConfig, KTOConfig
@@ -31,11 +30,7 @@ from align_core.trainer import TrainerConfig
 from align_core.trainer.loop import ParallelGroups, Trainer
 from align_core.training import wrap_ddp
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 PAIRS = T.preference_examples(16)
 UNPAIRED = T.unpaired_examples(8)

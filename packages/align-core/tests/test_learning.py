@@ -32,11 +32,10 @@ DPO 0.502 → 0.569 (seed 1234, the one used here), 0.424 → 0.580 (1), 0.509 �
 """
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core.algorithms import DPOConfig, KTOConfig, SFTConfig
 from align_core.algorithms.dpo import DPOStep
@@ -48,11 +47,7 @@ from align_core.schedule import forward_backward
 from align_core.trainer import InMemorySink, TrainerConfig
 from align_data import generate_pairs, score_response
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 NUM_TRAIN, NUM_HELD_OUT = 512, 64
 NUM_GENERATED, MAX_NEW_TOKENS = 48, 32

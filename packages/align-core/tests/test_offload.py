@@ -11,15 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align_core import (
-    DDPConfig,
-    ModelConfig,
-    OptimizerConfig,
-    build_gpt_model,
-    build_optimizer,
-    seed_all,
-    wrap_ddp,
-)
+from align_core import DDPConfig, ModelConfig
 from align_core.generation.offload import (
     inner_optimizers,
     offload_optimizer_state,
@@ -41,17 +33,10 @@ LAYOUTS = {
 
 def _trained(layout: str, steps: int = 1):
     cfg, ddp = LAYOUTS[layout]
-    seed_all(7)
-    model = wrap_ddp(build_gpt_model(cfg), ddp)
-    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-2), clip_grad=1.0)
+    model, optimizer = c.trainable(7, cfg, ddp, lr=1e-2)
     for seed in range(steps):
-        _step(model, optimizer, seed)
+        c.train_step_on(model, optimizer, seed)
     return model, optimizer
-
-
-def _step(model, optimizer, seed):
-    tokens, labels = c.data(seed=seed)
-    return c.train_step(model, optimizer, c.micro_batches(tokens, labels, 2))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +113,7 @@ def test_training_after_a_round_trip_equals_training_without_one(dist_ctx, layou
     model, optimizer = _trained(layout)
     twin, twin_optimizer = _trained(layout)
     restore_optimizer_state(offload_optimizer_state(optimizer, model, source="cpu"))
-    a, b = _step(model, optimizer, 5), _step(twin, twin_optimizer, 5)
+    a, b = c.train_step_on(model, optimizer, 5), c.train_step_on(twin, twin_optimizer, 5)
     assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(_bits(p), _bits(q)), name

@@ -1,11 +1,10 @@
 """Reference-policy strategies: the same batch gives the same losses under every strategy."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core.algorithms import DPOConfig
 from align_core.algorithms.dpo import DPOStep
@@ -19,11 +18,7 @@ from align_core.reference import (
 )
 from align_core.schedule import forward_backward
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 PAIRS = T.preference_examples(32)
 STEP = DPOStep(DPOConfig(ref_policy_kl_penalty=0.5))
@@ -173,3 +168,24 @@ def test_larger_reference_forward_batches_give_the_same_log_probs(dist_ctx):
     assert [t.shape for t in one] == [t.shape for t in two] == [torch.Size([4])] * 4
     for a, b in zip(one, two, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_padded_to_their_own_length_merge_and_score_the_same(dist_ctx):
+    # Without pipeline parallelism each micro-batch is padded only to its own longest row; a
+    # merged reference forward pads the shorter ones itself. Per-sequence log-probs must equal
+    # those of the step-wide padding (padding is unscored and attention is causal).
+    policy = T.fresh_model()
+    own = T.data(PAIRS, [], STEP, mbs=2, gbs=8, uniform_length=False).train_micro_batches(0)
+    step = T.data(PAIRS, [], STEP, mbs=2, gbs=8).train_micro_batches(0)
+    lengths = [b["tokens"].shape[-1] for b in own]
+    assert len(set(lengths)) > 1, lengths  # the synthetic pairs differ in length
+    assert [b["tokens"].shape[-1] for b in step] == [max(lengths)] * 4
+    for a, b in zip(own, step, strict=True):
+        n = a["tokens"].shape[-1]
+        assert torch.equal(a["tokens"], b["tokens"][:, :n])
+        assert (b["labels"][:, n:] == -100).all()  # what the step-wide padding adds is unscored
+    want = reference_forward(policy, step, T.FORWARD)
+    for merge in (1, 2):
+        got = reference_forward(policy, own, T.FORWARD, merge=merge)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

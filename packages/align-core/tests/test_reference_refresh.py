@@ -5,11 +5,9 @@ compared with what each strategy holds afterwards (`weights()`), never with the 
 arithmetic.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core import Checkpointer
 from align_core.algorithms import DPOConfig
@@ -26,11 +24,7 @@ from align_core.reference import (
     refreshable_reference,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,6 @@ plain forward of each unpadded sequence, the loss from its formula, and micro-ba
 equivalences between two runs of the trainer.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _core_scripts import load_tiny
 
 from align_core.algorithms._common import segment_sums
 from align_core.algorithms.spin import SPINConfig, SPINStep, spin_loss_and_metrics, spin_model_batch
@@ -38,11 +38,7 @@ from align_core.trainer.spin import (
 )
 from align_data import CollateConfig, DataError, PreferenceExample, generate_pairs
 
-_spec = importlib.util.spec_from_file_location(
-    "_align_core_tests_tiny", Path(__file__).parent / "train_scripts" / "tiny.py"
-)
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -329,6 +325,22 @@ def _write_prompts(path: Path, records: list) -> None:
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
 
 
+def _greedy_config(tmp_path: Path, max_length: int, **changes) -> GenerateConfig:
+    """Greedy generation from ``tmp_path/prompts.jsonl`` into ``tmp_path/out.jsonl``."""
+    return GenerateConfig(
+        prompts_file=str(tmp_path / "prompts.jsonl"),
+        output_file=str(tmp_path / "out.jsonl"),
+        model=T.MODEL,
+        sampling_params=SamplingConfig(use_greedy=True),
+        length_params=LengthConfig(max_length=max_length),
+        **changes,
+    )
+
+
+def _output_rows(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
 def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     _write_prompts(
@@ -340,18 +352,14 @@ def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
             {"messages": [{"role": "user", "content": "loud: red"}]},
         ],
     )
-    greedy = SamplingConfig(use_greedy=True)
-    config = GenerateConfig(
-        prompts_file=str(prompts),
-        output_file=str(tmp_path / "out.jsonl"),
-        model=T.MODEL,
-        sampling_params=greedy,
-        length_params=LengthConfig(max_length=8),
+    config = _greedy_config(
+        tmp_path,
+        max_length=8,
         micro_batch_size=3,
         chat_template=False,  # plain prompts as they are (messages still use the template)
     )
     result = generate_jsonl(config)
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    rows = _output_rows(tmp_path)
     assert result.prompts == 4 and [r["index"] for r in rows] == [0, 1, 2, 3]
     assert result.generated_tokens == sum(r["generated_length"] for r in rows)
     texts = ["loud: cat dog\n", "quiet: sun\n", "ask: sea sky\n"]
@@ -360,7 +368,9 @@ def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
     # The same fresh weights (same seed) answering [BOS] + bytes directly.
     model = T.fresh_model(config.seed)
     direct = make_generator(model, T.TOK, 64).generate(
-        [[T.TOK.bos_id, *T.TOK.encode(t)] for t in texts], greedy, LengthConfig(max_length=8)
+        [[T.TOK.bos_id, *T.TOK.encode(t)] for t in texts],
+        SamplingConfig(use_greedy=True),
+        LengthConfig(max_length=8),
     )
     assert [r["completion"] for r in rows[:3]] == direct.texts
     assert [r["prompt_length"] for r in rows[:3]] == [len(t) + 1 for t in texts]
@@ -372,21 +382,16 @@ def test_generate_jsonl_answers_every_prompt_in_order(dist_ctx, tmp_path):
 def test_generate_jsonl_renders_plain_prompts_through_the_chat_template(dist_ctx, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     _write_prompts(prompts, [{"prompt": "loud: red"}])
-    greedy = SamplingConfig(use_greedy=True)
-    config = GenerateConfig(
-        prompts_file=str(prompts),
-        output_file=str(tmp_path / "out.jsonl"),
-        model=T.MODEL,
-        sampling_params=greedy,
-        length_params=LengthConfig(max_length=4),
-    )
+    config = _greedy_config(tmp_path, max_length=4)
     generate_jsonl(config)
-    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    (row,) = _output_rows(tmp_path)
     rendered = "User: loud: red\nAssistant: "  # SimpleChatTemplate, the byte tokenizer's
     assert row["prompt"] == "loud: red"
     assert row["prompt_length"] == 1 + len(rendered)
     direct = make_generator(T.fresh_model(config.seed), T.TOK, 64).generate(
-        [[T.TOK.bos_id, *T.TOK.encode(rendered)]], greedy, LengthConfig(max_length=4)
+        [[T.TOK.bos_id, *T.TOK.encode(rendered)]],
+        SamplingConfig(use_greedy=True),
+        LengthConfig(max_length=4),
     )
     assert row["completion"] == direct.texts[0]
 

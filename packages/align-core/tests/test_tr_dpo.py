@@ -1,19 +1,16 @@
 """TR-DPO: the reference follows the policy during training (``model.reference.update_alpha``)."""
 
 import dataclasses
-import importlib.util
 import math
 import shutil
 from pathlib import Path
 
 import pytest
+from _core_scripts import load_tiny
 
 from align_core.trainer import InMemorySink, ReferenceConfig, TrainerConfig, train
 
-SCRIPTS = Path(__file__).parent / "train_scripts"
-_spec = importlib.util.spec_from_file_location("_align_core_tests_tiny", SCRIPTS / "tiny.py")
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 STEPS = TrainerConfig(max_steps=4, val_check_interval=0, save_interval=2, keep_last_checkpoints=4)
 

@@ -1,6 +1,5 @@
 """`align_core.trainer.train` end to end: SIGTERM, resume, export, early errors."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _core_scripts import load_tiny
 
 from align_core.nemo import open_nemo
 from align_core.trainer import DataConfig, InMemorySink, train
 
 SCRIPTS = Path(__file__).parent / "train_scripts"
-_spec = importlib.util.spec_from_file_location("_align_core_tests_tiny", SCRIPTS / "tiny.py")
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_tiny()
 
 
 def test_sigterm_leaves_a_checkpoint_that_resumes_like_an_uninterrupted_run(dist_ctx, tmp_path):

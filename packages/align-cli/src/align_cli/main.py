@@ -6,18 +6,23 @@ Only Typer is imported here; each command imports what it needs when it runs, so
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import version
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 # The `align run` commands, their help lines and sections (importing it does not import torch).
 from align_core.algorithms.registry import REGISTRY
+
+if TYPE_CHECKING:
+    from align_cli.commands.run import RunOptions
 
 __all__ = ["app", "report_errors"]
 
@@ -184,9 +189,71 @@ _MasterPort = Annotated[
 ]
 
 
+def _keyword(name: str, annotation: object, default: object) -> Parameter:
+    return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# The options of every command that launches workers, as `RunOptions` fields.
+_LAUNCH_OPTIONS = (
+    _keyword("config_file", _Config, None),
+    _keyword("show_config", _ShowConfig, False),
+    _keyword("quiet", _Quiet, False),
+    _keyword("nproc_per_node", _NprocPerNode, None),
+    _keyword("nnodes", _Nnodes, None),
+    _keyword("node_rank", _NodeRank, 0),
+    _keyword("master_addr", _MasterAddr, "127.0.0.1"),
+    _keyword("master_port", _MasterPort, None),
+)
+
+
+def _launch_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the options of every launched command, after its own.
+
+    Args:
+        fn: The command; its last parameter ``launch`` receives those options as a dict
+            keyed by `align_cli.commands.run.RunOptions` field.
+
+    Returns:
+        The command as Typer sees it: ``fn``'s parameters, less ``launch``, then the shared ones.
+    """
+    own = signature(fn, eval_str=True)
+    params = [p for name, p in own.parameters.items() if name != "launch"]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        fn(launch={p.name: kwargs.pop(p.name) for p in _LAUNCH_OPTIONS}, **kwargs)
+
+    typer_signature = own.replace(parameters=[*params, *_LAUNCH_OPTIONS])
+    command.__signature__ = typer_signature  # type: ignore[attr-defined]
+    return command
+
+
+def _run_options(
+    ctx: typer.Context, command: str, launch: dict[str, Any], **fields: Any
+) -> RunOptions:
+    """Check a launched command's extra arguments and gather what was typed.
+
+    Args:
+        ctx: The command's context; its extra arguments are the overrides.
+        command: The `RunOptions` command name.
+        launch: The shared options (see `_launch_options`).
+        **fields: The command's own `RunOptions` fields.
+
+    Returns:
+        The options, with the overrides and the full command line.
+    """
+    _check_unknown_options(ctx)
+    from align_cli.commands.run import RunOptions
+
+    return RunOptions(
+        command=command, overrides=tuple(ctx.args), argv=tuple(sys.argv), **launch, **fields
+    )
+
+
 def _register_run(command: str) -> None:
     spec = REGISTRY[command]
 
+    @_launch_options
     def run_command(
         ctx: typer.Context,
         restore: _Restore = None,
@@ -197,34 +264,14 @@ def _register_run(command: str) -> None:
             bool,
             typer.Option("--dry-run", help="Check config and data, print the plan, train nothing."),
         ] = False,
-        config: _Config = None,
-        show_config: _ShowConfig = False,
-        quiet: _Quiet = False,
-        nproc_per_node: _NprocPerNode = None,
-        nnodes: _Nnodes = None,
-        node_rank: _NodeRank = 0,
-        master_addr: _MasterAddr = "127.0.0.1",
-        master_port: _MasterPort = None,
+        *,
+        launch: dict[str, Any],
     ) -> None:
-        _check_unknown_options(ctx)
-        from align_cli.commands.run import RunOptions, execute
-
-        options = RunOptions(
-            command=command,
-            overrides=tuple(ctx.args),
-            restore=restore,
-            resume=resume,
-            dry_run=dry_run,
-            config_file=config,
-            show_config=show_config,
-            quiet=quiet,
-            nproc_per_node=nproc_per_node,
-            nnodes=nnodes,
-            node_rank=node_rank,
-            master_addr=master_addr,
-            master_port=master_port,
-            argv=tuple(sys.argv),
+        options = _run_options(
+            ctx, command, launch, restore=restore, resume=resume, dry_run=dry_run
         )
+        from align_cli.commands.run import execute
+
         _exit(report_errors(lambda: execute(options)))
 
     run_command.__doc__ = spec.help
@@ -248,6 +295,7 @@ for _command in REGISTRY:
     epilog="Example: align kd teacher --restore teacher.nemo "
     "model.data.data_prefix=train.jsonl top_k=100 output=topk/ (rerun to resume)",
 )
+@_launch_options
 def kd_teacher(
     ctx: typer.Context,
     restore: Annotated[str | None, typer.Option("--restore", help="The teacher (.nemo).")] = None,
@@ -257,35 +305,13 @@ def kd_teacher(
             "--dry-run", help="Check teacher, data and layout, print the plan, compute nothing."
         ),
     ] = False,
-    config: _Config = None,
-    show_config: _ShowConfig = False,
-    quiet: _Quiet = False,
-    nproc_per_node: _NprocPerNode = None,
-    nnodes: _Nnodes = None,
-    node_rank: _NodeRank = 0,
-    master_addr: _MasterAddr = "127.0.0.1",
-    master_port: _MasterPort = None,
+    *,
+    launch: dict[str, Any],
 ) -> None:
     """Write the teacher's top-k logits over the data as shards (output=DIR; rerun resumes)."""
-    _check_unknown_options(ctx)
     from align_cli.commands.kd import COMMAND, execute_teacher
-    from align_cli.commands.run import RunOptions
 
-    options = RunOptions(
-        command=COMMAND,
-        overrides=tuple(ctx.args),
-        restore=restore,
-        dry_run=dry_run,
-        config_file=config,
-        show_config=show_config,
-        quiet=quiet,
-        nproc_per_node=nproc_per_node,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
-        argv=tuple(sys.argv),
-    )
+    options = _run_options(ctx, COMMAND, launch, restore=restore, dry_run=dry_run)
     _exit(report_errors(lambda: execute_teacher(options)))
 
 
@@ -296,6 +322,7 @@ def kd_teacher(
     epilog="Example: align generate --restore model.nemo prompts.jsonl --out out.jsonl "
     "sampling_params.use_greedy=true length_params.max_length=128 micro_batch_size=16",
 )
+@_launch_options
 def generate(
     ctx: typer.Context,
     prompts: Annotated[
@@ -307,34 +334,13 @@ def generate(
         str | None,
         typer.Option("--out", help="Completions JSONL (default PROMPTS.completions.jsonl)."),
     ] = None,
-    config: _Config = None,
-    show_config: _ShowConfig = False,
-    quiet: _Quiet = False,
-    nproc_per_node: _NprocPerNode = None,
-    nnodes: _Nnodes = None,
-    node_rank: _NodeRank = 0,
-    master_addr: _MasterAddr = "127.0.0.1",
-    master_port: _MasterPort = None,
+    *,
+    launch: dict[str, Any],
 ) -> None:
     """Answer every prompt of a JSONL file; write prompt/completion JSONL."""
-    _check_unknown_options(ctx)
+    options = _run_options(ctx, "generate", launch, restore=restore)
     from align_cli.commands.generate import execute_generate
-    from align_cli.commands.run import RunOptions
 
-    options = RunOptions(
-        command="generate",
-        overrides=tuple(ctx.args),
-        restore=restore,
-        config_file=config,
-        show_config=show_config,
-        quiet=quiet,
-        nproc_per_node=nproc_per_node,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
-        argv=tuple(sys.argv),
-    )
     _exit(report_errors(lambda: execute_generate(options, prompts, out)))
 
 
@@ -382,6 +388,11 @@ def _console() -> object:
     return make_console()
 
 
+def _exit_with(work: Callable[..., int], *args: Any, **kwargs: Any) -> None:
+    """Exit with the status of ``work(*args, **kwargs)`` given a console, failures reported."""
+    _exit(report_errors(lambda: work(*args, console=_console(), **kwargs)))
+
+
 _Files = Annotated[list[str], typer.Argument(help="JSONL or Parquet files.")]
 _Kind = Annotated[
     str | None,
@@ -416,18 +427,7 @@ def data_validate(
     """Check every record; the first bad one is reported as file:line: field: reason."""
     from align_cli.commands.data import validate
 
-    _exit(
-        report_errors(
-            lambda: validate(
-                files,
-                kind=kind,
-                fmt=fmt,
-                lenient=lenient,
-                report=report,
-                console=_console(),  # type: ignore[arg-type]
-            )
-        )
-    )
+    _exit_with(validate, files, kind=kind, fmt=fmt, lenient=lenient, report=report)
 
 
 @data_app.command("preprocess", cls=_Command)
@@ -448,22 +448,18 @@ def data_preprocess(
     """Tokenize into memory-mapped shards (fingerprinted: an unchanged rerun reuses them)."""
     from align_cli.commands.data import preprocess_files
 
-    _exit(
-        report_errors(
-            lambda: preprocess_files(
-                files,
-                out=out,
-                tokenizer=tokenizer,
-                kind=kind,
-                fmt=fmt,
-                lenient=lenient,
-                max_length=max_length,
-                overlong=overlong,
-                workers=workers,
-                report=report,
-                console=_console(),  # type: ignore[arg-type]
-            )
-        )
+    _exit_with(
+        preprocess_files,
+        files,
+        out=out,
+        tokenizer=tokenizer,
+        kind=kind,
+        fmt=fmt,
+        lenient=lenient,
+        max_length=max_length,
+        overlong=overlong,
+        workers=workers,
+        report=report,
     )
 
 
@@ -481,18 +477,14 @@ def data_stats(
     """Records, tokens, length histogram, truncated and dropped counts."""
     from align_cli.commands.data import stats
 
-    _exit(
-        report_errors(
-            lambda: stats(
-                files,
-                tokenizer=tokenizer,
-                kind=kind,
-                fmt=fmt,
-                max_length=max_length,
-                lenient=lenient,
-                console=_console(),  # type: ignore[arg-type]
-            )
-        )
+    _exit_with(
+        stats,
+        files,
+        tokenizer=tokenizer,
+        kind=kind,
+        fmt=fmt,
+        max_length=max_length,
+        lenient=lenient,
     )
 
 
@@ -508,7 +500,7 @@ def ckpt_inspect(
     """Describe a checkpoint: architecture, parameters, weights layout, tokenizer."""
     from align_cli.commands.ckpt import inspect
 
-    _exit(report_errors(lambda: inspect(path, _console())))  # type: ignore[arg-type]
+    _exit_with(inspect, path)
 
 
 @ckpt_app.command("export", cls=_Command)
@@ -538,7 +530,7 @@ def ckpt_export(
     """Export a checkpoint to .nemo or a Hugging Face directory (LoRA merged), in one process."""
     from align_cli.commands.export import export
 
-    _exit(report_errors(lambda: export(src, out, step, fmt, _console())))  # type: ignore[arg-type]
+    _exit_with(export, src, out, step, fmt)
 
 
 @app.command("init-model", cls=_Command)
@@ -566,4 +558,4 @@ def init_model(
         "seq_length": seq_length,
     }
     changes = {k: v for k, v in given.items() if v is not None}
-    _exit(report_errors(lambda: write(out, changes, seed, _console())))  # type: ignore[arg-type]
+    _exit_with(write, out, changes, seed)

@@ -113,3 +113,36 @@ def train_step(model, optimizer, batches, **kwargs) -> dict[str, float]:
     data-parallel ranks), ``grad_norm`` (before clipping), ``skipped_steps``, ...
     """
     return trainer(model, optimizer, [batches], **kwargs).train_step()
+
+
+def trainable(seed: int, model_config=None, ddp=None, lr: float = 1e-3):
+    """A tiny GPT built after ``seed_all(seed)``, in megatron DDP, and its optimizer.
+
+    Args:
+        seed: Seed of the weights.
+        model_config: The `ModelConfig` (default: the default one).
+        ddp: The `DDPConfig` (default: the default one).
+        lr: The optimizer's learning rate (gradients clipped at norm 1).
+
+    Returns:
+        The wrapped model and its optimizer.
+    """
+    from align_core import (
+        DDPConfig,
+        ModelConfig,
+        OptimizerConfig,
+        build_gpt_model,
+        build_optimizer,
+        seed_all,
+        wrap_ddp,
+    )
+
+    seed_all(seed)
+    model = wrap_ddp(build_gpt_model(model_config or ModelConfig()), ddp or DDPConfig())
+    return model, build_optimizer(model, OptimizerConfig(lr=lr), clip_grad=1.0)
+
+
+def train_step_on(model, optimizer, data_seed: int) -> dict[str, float]:
+    """`train_step` on ``data(seed=data_seed)`` in two micro-batches."""
+    tokens, labels = data(seed=data_seed)
+    return train_step(model, optimizer, micro_batches(tokens, labels, 2))

@@ -20,29 +20,16 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     import _common as c
 
-    from align_core import (
-        Checkpointer,
-        ModelConfig,
-        OptimizerConfig,
-        ParallelConfig,
-        build_gpt_model,
-        build_optimizer,
-        init_distributed,
-        seed_all,
-        wrap_ddp,
-    )
+    from align_core import Checkpointer, ParallelConfig, init_distributed
     from align_core import checkpoint as checkpoint_module
 
     ckpt_dir, result_path = sys.argv[1], sys.argv[2]
     init_distributed(ParallelConfig())
-    seed_all(99)
-    model = wrap_ddp(build_gpt_model(ModelConfig()))
-    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3), clip_grad=1.0)
+    model, optimizer = c.trainable(99)
     checkpointer = Checkpointer(ckpt_dir, keep_last=2)
     losses = []
     for step in (1, 2):
-        tokens, labels = c.data(seed=step)
-        metrics = c.train_step(model, optimizer, c.micro_batches(tokens, labels, 2))
+        metrics = c.train_step_on(model, optimizer, step)
         losses.append(metrics["loss"])
         with open(result_path, "w") as f:
             json.dump({"losses": losses}, f)
