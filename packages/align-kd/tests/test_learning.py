@@ -118,19 +118,24 @@ def _mean_and_error(values: list[float]) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def teacher_nemo(dist_ctx, tmp_path_factory) -> str:
     """The teacher: align-core's SFT run on the synthetic task (its ``final.nemo``)."""
+    data = DataConfig(
+        micro_batch_size=32,
+        global_batch_size=32,
+        synthetic=SyntheticConfig(num_train=4096, num_validation=32, seed=0),
+    )
+    return _sft(tmp_path_factory.mktemp("teacher"), TEACHER_CFG, data, steps=300)
+
+
+def _sft(run_dir, model, data: DataConfig, *, steps: int) -> str:
+    """align-core's SFT run of ``steps`` steps; its ``final.nemo``."""
+    trainer = TrainerConfig(max_epochs=99, max_steps=steps, val_check_interval=0, save_interval=0)
     run = train(
         RunConfig(
             algorithm="sft",
-            run_dir=str(tmp_path_factory.mktemp("teacher")),
-            model=TEACHER_CFG,
-            data=DataConfig(
-                micro_batch_size=32,
-                global_batch_size=32,
-                synthetic=SyntheticConfig(num_train=4096, num_validation=32, seed=0),
-            ),
-            trainer=TrainerConfig(
-                max_epochs=99, max_steps=300, val_check_interval=0, save_interval=0
-            ),
+            run_dir=str(run_dir),
+            model=model,
+            data=data,
+            trainer=trainer,
             optim=OPTIM,
             sched=SCHED,
             resume=False,
@@ -199,21 +204,7 @@ def test_student_learns_from_teacher(teacher_nemo, tmp_path):
 
 @pytest.mark.slow
 def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
-    sft = train(
-        RunConfig(
-            algorithm="sft",
-            run_dir=str(tmp_path / "sft"),
-            model=STUDENT_CFG,
-            data=DATA,
-            trainer=TrainerConfig(
-                max_epochs=99, max_steps=40, val_check_interval=0, save_interval=0
-            ),
-            optim=OPTIM,
-            sched=SCHED,
-            resume=False,
-        )
-    )
-    assert sft.nemo_path is not None
+    sft_nemo = _sft(tmp_path / "sft", STUDENT_CFG, DATA, steps=40)
     records = load_records(
         next((tmp_path / "sft" / "data").glob("synthetic-*/sft_eval.jsonl")), kind="sft"
     ).records
@@ -231,7 +222,7 @@ def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
                     on_policy_sampling=SamplingConfig(temperature=0.5),
                     on_policy_length=LengthConfig(max_length=32),
                 ),
-                restore_from_path=sft.nemo_path,
+                restore_from_path=sft_nemo,
                 data=DATA,
                 trainer=TrainerConfig(
                     max_epochs=99, max_steps=100, val_check_interval=0, save_interval=0
@@ -245,7 +236,7 @@ def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
         assert run.steps == 100 and run.nemo_path is not None
         shares[fraction] = sum(sink.series("on_policy") or [0.0]) / 100
         scores[fraction] = _scores(_load(run.nemo_path, STUDENT_CFG), records)
-    s_sft = _score(_load(sft.nemo_path, STUDENT_CFG), records)
+    s_sft = _score(_load(sft_nemo, STUDENT_CFG), records)
     (off, off_se), (on, on_se) = (_mean_and_error(scores[f]) for f in (0.0, 0.5))
     diff, diff_se = _mean_and_error([a - b for a, b in zip(scores[0.5], scores[0.0], strict=True)])
     print(
