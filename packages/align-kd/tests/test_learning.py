@@ -126,16 +126,20 @@ def teacher_nemo(dist_ctx, tmp_path_factory) -> str:
     return _sft(tmp_path_factory.mktemp("teacher"), TEACHER_CFG, data, steps=300)
 
 
+def _steps(steps: int) -> TrainerConfig:
+    """``steps`` optimizer steps, no validation or checkpoints in between."""
+    return TrainerConfig(max_epochs=99, max_steps=steps, val_check_interval=0, save_interval=0)
+
+
 def _sft(run_dir, model, data: DataConfig, *, steps: int) -> str:
     """align-core's SFT run of ``steps`` steps; its ``final.nemo``."""
-    trainer = TrainerConfig(max_epochs=99, max_steps=steps, val_check_interval=0, save_interval=0)
     run = train(
         RunConfig(
             algorithm="sft",
             run_dir=str(run_dir),
             model=model,
             data=data,
-            trainer=trainer,
+            trainer=_steps(steps),
             optim=OPTIM,
             sched=SCHED,
             resume=False,
@@ -170,9 +174,7 @@ def test_student_learns_from_teacher(teacher_nemo, tmp_path):
             knowledge_distillation=KD,
             model=STUDENT_CFG,
             data=data,
-            trainer=TrainerConfig(
-                max_epochs=99, max_steps=200, val_check_interval=0, save_interval=0
-            ),
+            trainer=_steps(200),
             optim=OPTIM,
             sched=SCHED,
             resume=False,
@@ -180,7 +182,6 @@ def test_student_learns_from_teacher(teacher_nemo, tmp_path):
     )
     assert student_run.stop_reason == "completed" and student_run.steps == 200
 
-    val_dir = tmp_path / "student" / "data"
     val_examples = _validation_examples(tmp_path / "student")
     store = open_teacher_store(out / "validation", examples=val_examples)
     seed_all(7)
@@ -189,7 +190,7 @@ def test_student_learns_from_teacher(teacher_nemo, tmp_path):
     teacher = _load(teacher_nemo, TEACHER_CFG)
     kl_start, kl_end = _val_kl(fresh, val_examples, store), _val_kl(student, val_examples, store)
 
-    records = load_records(next(val_dir.glob("synthetic-*/sft_eval.jsonl")), kind="sft").records
+    records = _eval_records(tmp_path / "student")
     s_teacher, s_student = _score(teacher, records), _score(student, records)
     s_fresh = _score(fresh, records)
     print(
@@ -205,9 +206,7 @@ def test_student_learns_from_teacher(teacher_nemo, tmp_path):
 @pytest.mark.slow
 def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
     sft_nemo = _sft(tmp_path / "sft", STUDENT_CFG, DATA, steps=40)
-    records = load_records(
-        next((tmp_path / "sft" / "data").glob("synthetic-*/sft_eval.jsonl")), kind="sft"
-    ).records
+    records = _eval_records(tmp_path / "sft")
     assert len(records) == 128
     scores, shares = {}, {}
     for fraction in (0.0, 0.5):
@@ -224,9 +223,7 @@ def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
                 ),
                 restore_from_path=sft_nemo,
                 data=DATA,
-                trainer=TrainerConfig(
-                    max_epochs=99, max_steps=100, val_check_interval=0, save_interval=0
-                ),
+                trainer=_steps(100),
                 optim=OPTIM,
                 sched=SCHED,
                 resume=False,
@@ -246,6 +243,12 @@ def test_on_policy_student_reaches_the_offline_score(teacher_nemo, tmp_path):
     assert shares[0.0] == 0.0 and 0.4 <= shares[0.5] <= 0.6, shares
     assert min(off, on) > s_sft + 0.1, (s_sft, off, on)  # both distilled well past the start
     assert on >= off - 2 * diff_se, (on, off, diff_se)
+
+
+def _eval_records(run_dir) -> list:
+    """The held-out records a run's synthetic data wrote (prompt and reference answer)."""
+    path = next((run_dir / "data").glob("synthetic-*/sft_eval.jsonl"))
+    return load_records(path, kind="sft").records
 
 
 def _validation_examples(run_dir):

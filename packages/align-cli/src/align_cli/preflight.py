@@ -335,9 +335,9 @@ def _teacher_line(run: Any, student_vocab: int) -> str:
                 cross_tokenizer=kd.cross_tokenizer,
             )
             kd.effective_top_k(teacher.top_k)
-            where = "weights on the host between passes" if teacher.placement == "host" else ""
+            host = " (weights on the host between passes)" if teacher.placement == "host" else ""
             line = model_line(model.model, teacher.restore_from_path)
-            return f"online, top-{teacher.top_k}{f' ({where})' if where else ''}: {line}"
+            return f"online, top-{teacher.top_k}{host}: {line}"
         if teacher.directory:
             from align_kd.teacher import open_teacher_store, teacher_vocab_size
 

@@ -324,9 +324,11 @@ def forward_merge(
 
 def reference_merge(run: RunConfig, accumulation: int | None = None) -> int:
     """`forward_merge` of a shared-loop run (``accumulation``: micro-batches per step)."""
+    has_reference = get_algorithm(run.algorithm).reference_unit > 0
+    size = algorithm_config(run).log_prob_forward_micro_batch_size if has_reference else None
     return forward_merge(
         run.algorithm,
-        getattr(algorithm_config(run), "log_prob_forward_micro_batch_size", None),
+        size,
         micro_batch_size=run.data.micro_batch_size,
         accumulation=accumulation,
     )

@@ -47,6 +47,7 @@ from align_core.trainer.build import (
 )
 from align_core.trainer.loop import ParallelGroups
 from align_core.trainer.metrics import MetricsSink
+from align_core.trainer.planner import plan_layout
 from align_core.trainer.run import RunResult, sft_view
 from align_core.trainer.session import Recipe, Session, Stage, run_session
 from align_core.trainer.spin import (
@@ -205,7 +206,7 @@ def run_spin(run: SPINRunConfig, sinks: Sequence[MetricsSink]) -> RunResult:
             "spin",
             spin.log_prob_forward_micro_batch_size,
             micro_batch_size=mbs,
-            accumulation=gbs // (mbs * ctx.data_parallel_size),
+            accumulation=plan_layout(run.parallel, run.data, ctx.world_size).accumulation_steps,
         ),
         reference_model=build_policy(source, run.parallel) if strategy == "model" else None,
     )
